@@ -1,0 +1,44 @@
+"""rcpo-losses: RCPO loss kernels for aligning LLMs with ranked preference feedback.
+
+Rewards (eq. 2 and variants) feed choice models (MNL, Mallows-RMJ), which feed
+reductions over prompts. See docs/index.md.
+"""
+
+from .dispersion import entropy_dispersion
+from .mallows import (
+    mallows_rmj_discrete,
+    mallows_rmj_log_likelihood,
+    mallows_rmj_pairwise,
+    mallows_rmj_topk,
+    mallows_rmj_topk_from_rewards,
+)
+from .metrics import ranking_metrics
+from .mnl import mnl_discrete, mnl_log_likelihood, mnl_pairwise, mnl_topk, mnl_topk_from_rewards
+from .ranks import IGNORE, UNRANKED, all_pairs, ranks_from_order, ranks_from_scores, top_bottom_pair
+from .rewards import implicit_rewards
+from .tokens import sequence_logps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IGNORE",
+    "UNRANKED",
+    "all_pairs",
+    "entropy_dispersion",
+    "implicit_rewards",
+    "mallows_rmj_discrete",
+    "mallows_rmj_log_likelihood",
+    "mallows_rmj_pairwise",
+    "mallows_rmj_topk",
+    "mallows_rmj_topk_from_rewards",
+    "mnl_discrete",
+    "mnl_log_likelihood",
+    "mnl_pairwise",
+    "mnl_topk",
+    "mnl_topk_from_rewards",
+    "ranking_metrics",
+    "ranks_from_order",
+    "ranks_from_scores",
+    "sequence_logps",
+    "top_bottom_pair",
+]

@@ -1,0 +1,52 @@
+"""What a trainer logs: how well the implicit rewards agree with the observed rankings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._api import clean_rewards
+from .ranks import UNRANKED, in_assortment, valid_rows
+
+
+@torch.no_grad()
+def ranking_metrics(rewards: Tensor, ranks: Tensor) -> dict[str, Tensor]:
+    """Accuracies and margins of rewards against top-k feedback, averaged over valid rows.
+
+    - ``top1_accuracy``: the pick ``y_1`` has the strictly highest reward of its row.
+    - ``pairwise_accuracy``: share of the pairs implied by the list (``y_i > y_j`` for
+      ``i < j``, ``y_i > u`` for unranked ``u``) whose rewards are strictly in order.
+    - ``top_reward``, ``other_reward``: mean reward of ``y_1`` and of the other responses.
+    - ``margin``: ``top_reward - other_reward``, per row then averaged.
+
+    Shape:
+        - rewards, ranks: ``(B, S)``; each output is a 0-dim detached fp32 (fp64) tensor.
+    """
+    r = clean_rewards(rewards, ranks)
+    present = in_assortment(ranks)
+    valid = valid_rows(ranks)
+    top = ranks == 0
+    others = present & ~top
+    r_top = torch.where(top, r, 0.0).sum(-1)
+    best_other = torch.where(others, r, -torch.inf).amax(-1)
+    n_other = others.sum(-1).clamp(min=1)
+    mean_other = torch.where(others, r, 0.0).sum(-1) / n_other
+    ranked = ranks >= 0
+    implied = (
+        ranked[:, :, None]
+        & present[:, None, :]
+        & ((ranks[:, None, :] == UNRANKED) | (ranks[:, :, None] < ranks[:, None, :]))
+    )
+    correct = implied & (r[:, :, None] > r[:, None, :])
+    pair_acc = correct.sum((-1, -2)) / implied.sum((-1, -2)).clamp(min=1)
+
+    def mean(x: Tensor) -> Tensor:
+        return torch.where(valid, x.to(r.dtype), 0.0).sum() / valid.sum().clamp(min=1)
+
+    return {
+        "top1_accuracy": mean(r_top > best_other),
+        "pairwise_accuracy": mean(pair_acc),
+        "top_reward": mean(r_top),
+        "other_reward": mean(mean_other),
+        "margin": mean(r_top - mean_other),
+    }

@@ -1,0 +1,177 @@
+"""Multinomial logit (MNL) choice model: Plackett-Luce over top-k lists (paper section 3.1).
+
+``mnl_topk_nll`` is the specification: the plain PyTorch reference that the Triton
+kernel (``rcpo_losses.kernels.mnl``) is tested against, and the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _api, _backend
+from .ranks import UNRANKED, order_by_rank
+from .reduction import reduce_rows
+
+
+def mnl_topk_nll(rewards: Tensor, ranks: Tensor) -> Tensor:
+    r"""Per-row negative log-likelihood of top-k lists under MNL (reference implementation).
+
+    .. math::
+        \ell_b = \sum_{i=1}^{k} \Big[\log \sum_{j \in R_i} e^{r_j} - r_{y_i}\Big],
+        \qquad R_i = \{y_i, \dots, y_k\} \cup U
+
+    which is eq. 8 (Theorem 2; Theorem 1 for ``k = 1``). ``R_i`` are the responses not
+    yet picked at stage ``i``: the masked reverse logsumexp of Plackett-Luce. A stage
+    whose ``R_i`` is ``{y_i}`` alone adds exactly 0, so ``k = n`` and ``k = n - 1`` agree.
+
+    Shape:
+        - rewards: ``(B, S)`` float; padding slots may hold anything.
+        - ranks: ``(B, S)`` int.
+        - output: ``(B,)`` in fp32 (fp64 for fp64 rewards).
+    """
+    r = _api.clean_rewards(rewards, ranks)
+    S = r.shape[-1]
+    stage = torch.arange(S, device=r.device)
+    k = (ranks >= 0).sum(-1, keepdim=True)
+    active = stage < k  # [B, S]: stage i exists in row b
+    # remaining[b, i, j]: response j is still in R_i
+    remaining = (ranks[:, None, :] >= stage[:, None]) | (ranks[:, None, :] == UNRANKED)
+    # Inactive stages get a row of zeros instead of all -inf: their logsumexp stays finite,
+    # so its gradient (masked to 0 below) cannot turn into 0 * NaN.
+    fill = torch.where(active, -torch.inf, 0.0).to(r.dtype)[:, :, None]
+    lse = torch.logsumexp(torch.where(remaining & active[:, :, None], r[:, None, :], fill), dim=-1)
+    picked = r.gather(-1, order_by_rank(ranks))  # picked[b, i] = r_{y_{i+1}}
+    return torch.where(active, lse - picked, 0.0).sum(-1)
+
+
+def _rows(rewards: Tensor, ranks: Tensor, backend: str) -> Tensor:
+    if _backend.use_triton(backend, rewards):
+        from .ops import mnl_topk_rows
+
+        return mnl_topk_rows(rewards, ranks)
+    return mnl_topk_nll(rewards, ranks)
+
+
+def mnl_topk_from_rewards(
+    rewards: Tensor, ranks: Tensor, *, reduction: str = "mean", backend: str = "auto", validate: bool = True
+) -> Tensor:
+    r"""MNL top-k loss of arbitrary rewards: the choice-model layer of :func:`mnl_topk`.
+
+    .. math:: \mathcal{L} = \sum_{i=1}^{k} \Big[\log \sum_{j \in R_i} e^{r_j} - r_{y_i}\Big]
+        \quad\text{(Theorem 2, eq. 8)}
+
+    Use it for reward variants (SimPO, R-DPO: see :func:`implicit_rewards`).
+
+    Shape:
+        - rewards: ``(B, S)``; ranks: ``(B, S)`` int.
+        - output: scalar, or ``(B,)`` for ``reduction="none"``.
+    """
+    r = _api.checked_rewards(rewards, ranks, reduction, validate)
+    return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
+
+
+def mnl_topk(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    ranks: Tensor,
+    *,
+    beta: float = 0.1,
+    reduction: str = "mean",
+    backend: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""MNL-PO-Top-k: maximum likelihood of top-k lists under Plackett-Luce (Theorem 2).
+
+    .. math::
+        \mathcal{L} = -\sum_{i=1}^{k} \log \sigma\Big(-\log \sum_{y_j \in S \setminus
+        \{y_1..y_i\}} \exp\big(r_{y_j} - r_{y_i}\big)\Big)
+        = \sum_{i=1}^{k} \Big[\log \sum_{j \in R_i} e^{r_j} - r_{y_i}\Big]
+
+    with ``r = beta * (policy_logps - ref_logps)`` (eq. 2) and ``R_i = {y_i..y_k} ∪ U``.
+    ``k = 1`` is MNL-PO-Discrete (eq. 7); ``|S| = 2, k = 1`` is DPO (eq. 3).
+
+    Args:
+        policy_logps: summed log-probs of each response under the policy.
+        ref_logps: the same under the reference model; ``None`` for reference-free.
+        ranks: rank tensor (``0..k-1`` picks, ``UNRANKED``, ``IGNORE``).
+        beta: KL strength of eq. 2, > 0.
+        reduction: ``"mean"`` over rows, ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
+        validate: check values (one device sync); off, and always under torch.compile,
+            only shapes and dtypes are checked.
+
+    Shape:
+        - policy_logps, ref_logps, ranks: ``(B, S)``.
+        - output: scalar in fp32 (fp64 for fp64 inputs), or ``(B,)`` for ``"none"``.
+    """
+    r = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
+    return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
+
+
+def mnl_discrete(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    ranks: Tensor,
+    *,
+    beta: float = 0.1,
+    reduction: str = "mean",
+    backend: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""MNL-PO-Discrete: the best response out of an assortment (Theorem 1, eq. 7).
+
+    .. math::
+        \mathcal{L} = -\log \sigma\Big(-\log \sum_{y_i \in S \setminus \{y_w\}}
+        \exp(r_{y_i} - r_{y_w})\Big) = \log \sum_{j \in S} e^{r_j} - r_{y_w}
+
+    :func:`mnl_topk` restricted to ``k = 1`` (checked when ``validate``); arguments as there.
+
+    Shape:
+        - policy_logps, ref_logps, ranks: ``(B, S)``; output: scalar or ``(B,)``.
+    """
+    _api.check_discrete(ranks, validate)
+    return mnl_topk(policy_logps, ref_logps, ranks, beta=beta, reduction=reduction, backend=backend, validate=validate)
+
+
+def mnl_pairwise(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    reduction: str = "mean",
+    backend: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""DPO: MNL (Bradley-Terry) on chosen/rejected pairs (eq. 3).
+
+    .. math:: \mathcal{L} = -\log \sigma(r_w - r_l)
+
+    Takes ``[B]`` tensors in DPO's order (policy chosen, policy rejected, reference
+    chosen, reference rejected); the reference pair may be omitted (reference-free).
+
+    Shape:
+        - each input: ``(B,)``; output: scalar, or ``(B,)`` for ``"none"``.
+    """
+    policy, ref, ranks = _api.pairwise_batch(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    return mnl_topk(policy, ref, ranks, beta=beta, reduction=reduction, backend=backend, validate=validate)
+
+
+def mnl_log_likelihood(rewards: Tensor, ranks: Tensor, *, validate: bool = True) -> Tensor:
+    r"""Exact log-probability of each row's top-k list under MNL (eq. 8).
+
+    .. math::
+        \log P(\mu^k \mid S) = \sum_{i=1}^k \Big[r_{y_i} - \log\Big(\sum_{j=i}^k e^{r_{y_j}}
+        + \sum_{y_h \in U} e^{r_{y_h}}\Big)\Big]
+
+    For evaluation: ``exp`` of it sums to 1 over all top-k lists of a row.
+
+    Shape:
+        - rewards, ranks: ``(B, S)``; output: ``(B,)`` fp32 (fp64 for fp64 rewards).
+    """
+    r = _api.checked_rewards(rewards, ranks, "none", validate)
+    return -mnl_topk_nll(r, ranks)

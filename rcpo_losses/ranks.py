@@ -1,0 +1,194 @@
+"""Rank tensors: which responses of an assortment were chosen, and in which order.
+
+A rank tensor is an integer ``[B, S]`` tensor. ``ranks[b, j] = i >= 0`` says that slot
+``j`` is the ``(i + 1)``-th pick of row ``b``'s top-k list; ``UNRANKED`` marks a response
+that was offered but not picked; ``IGNORE`` marks a padding slot that is not in the
+assortment. The ranked entries of a row are exactly ``0 .. k_b - 1``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+UNRANKED = -1
+IGNORE = -100
+
+
+def in_assortment(ranks: Tensor) -> Tensor:
+    """Bool ``[B, S]``: the slot holds a response of the assortment ``S_b``."""
+    return (ranks >= 0) | (ranks == UNRANKED)
+
+
+def assortment_size(ranks: Tensor) -> Tensor:
+    """``n_b = |S_b|``, int64 ``[B]``."""
+    return in_assortment(ranks).sum(-1)
+
+
+def list_length(ranks: Tensor) -> Tensor:
+    """``k_b``, the length of row ``b``'s top-k list, int64 ``[B]``."""
+    return (ranks >= 0).sum(-1)
+
+
+def order_by_rank(ranks: Tensor) -> Tensor:
+    """Slot indices sorted by rank: ``order[b, i]`` is the slot ranked ``i`` for ``i < k_b``.
+
+    Unranked slots follow the ranked ones and padding comes last, each group in slot
+    order (the sort is stable), so ``order`` is a permutation of ``0 .. S-1`` per row.
+    """
+    S = ranks.shape[-1]
+    key = torch.where(ranks >= 0, ranks, torch.where(ranks == UNRANKED, S, S + 1))
+    return torch.argsort(key, dim=-1, stable=True)
+
+
+def valid_rows(ranks: Tensor) -> Tensor:
+    """Bool ``[B]``: rows with at least two responses and one ranked response.
+
+    Reductions average over these rows. With ``validate=True`` every row must be valid;
+    with ``validate=False`` an invalid row gets loss 0 and is left out of the mean.
+    """
+    return (assortment_size(ranks) >= 2) & (list_length(ranks) >= 1)
+
+
+def ranks_from_scores(scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """Top-k rank tensor of a score matrix (higher score is better).
+
+    ``ranks[b, j] = i`` for the ``i``-th best slot of row ``b`` when ``i < k_b``,
+    ``UNRANKED`` for the other slots of the assortment and ``IGNORE`` where ``mask`` is
+    False. Ties go to the lower slot index. Useful to turn reward-model scores into
+    top-k feedback, the way the paper builds its data (appendix G).
+
+    Args:
+        scores: float ``[B, S]``; values at masked slots are never read (NaN allowed).
+        k: list length, an int or an int ``[B]`` tensor; ``None`` ranks every slot.
+            Clipped to ``|S_b|``.
+        mask: bool ``[B, S]``, True for slots in the assortment; default all True.
+
+    Shape:
+        - scores: ``(B, S)``; output: ``(B, S)`` int64.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected a [B, S] tensor, got shape {tuple(scores.shape)}")
+    B, S = scores.shape
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    elif mask.shape != scores.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match scores {tuple(scores.shape)}")
+    mask = mask.to(device=scores.device, dtype=torch.bool)
+    n = mask.sum(-1, keepdim=True)
+    if k is None:
+        k_b = n
+    else:
+        k_b = torch.as_tensor(k, device=scores.device).reshape(-1, 1).expand(B, 1)
+        if (k_b < 0).any():
+            raise ValueError("k: must be non-negative")
+        k_b = torch.minimum(k_b, n)
+    # Masked slots sort last; the stable sort on a descending key breaks ties by slot.
+    key = torch.where(mask, scores.float() if scores.dtype != torch.float64 else scores, -torch.inf)
+    key = torch.where(mask & key.isnan(), -torch.inf, key)
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    position = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=scores.device).expand(B, S))
+    return torch.where(~mask, IGNORE, torch.where(position < k_b, position, UNRANKED))
+
+
+def ranks_from_order(order: Tensor, n_items: int | Tensor, num_slots: int | None = None) -> Tensor:
+    """Rank tensor of top-k lists given as slot indices, best first.
+
+    ``order[b, i]`` is the slot picked ``(i + 1)``-th in row ``b``; negative entries
+    pad lists shorter than ``K`` (they must come after the real picks). Row ``b`` offers
+    slots ``0 .. n_b - 1``; slots at or past ``n_b`` are ``IGNORE``.
+
+    Args:
+        order: int ``[B, K]``.
+        n_items: ``|S_b|``, an int or an int ``[B]`` tensor.
+        num_slots: ``S``, the width of the output; default ``max n_b``.
+
+    Shape:
+        - order: ``(B, K)``; output: ``(B, S)`` int64.
+
+    Example: ``ranks_from_order([[2, 0]], 3)`` is ``[[1, -1, 0]]``.
+    """
+    order = torch.as_tensor(order)
+    if order.dim() != 2:
+        raise ValueError(f"order: expected a [B, K] tensor, got shape {tuple(order.shape)}")
+    if order.dtype.is_floating_point or order.dtype == torch.bool:
+        raise TypeError(f"order: expected an integer tensor, got {order.dtype}")
+    B, K = order.shape
+    n = torch.as_tensor(n_items, device=order.device).reshape(-1).expand(B)
+    S = int(n.max()) if num_slots is None else int(num_slots)
+    if (n > S).any():
+        raise ValueError(f"n_items: larger than num_slots = {S}")
+    picked = order >= 0
+    bad = (picked & (order >= n[:, None])) | (picked[:, 1:] & ~picked[:, :-1]).any(-1, keepdim=True)
+    if bad.any():
+        b = int(bad.any(-1).nonzero()[0])
+        raise ValueError(
+            f"order[{b}]: {order[b].tolist()} must list slots below n_items = {int(n[b])} "
+            "with padding (negative entries) only at the end"
+        )
+    slot = torch.where(picked, order, S)  # padding picks land in a scratch column
+    ranks = torch.full((B, S + 1), UNRANKED, dtype=torch.int64, device=order.device)
+    ranks.scatter_(1, slot, torch.arange(K, device=order.device).expand(B, K))
+    ranks = ranks[:, :S]
+    counts = torch.zeros(B, S + 1, dtype=torch.int64, device=order.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot))
+    if (counts[:, :S] > 1).any():
+        b = int((counts[:, :S] > 1).any(-1).nonzero()[0])
+        raise ValueError(f"order[{b}]: {order[b].tolist()} lists a slot twice")
+    return torch.where(torch.arange(S, device=order.device) < n[:, None], ranks, IGNORE)
+
+
+class PairRanks(NamedTuple):
+    """Pairwise feedback expanded from a batch: row ``p`` compares slots of ``row[p]``."""
+
+    row: Tensor  # int64 [P]: the source row of each pair
+    ranks: Tensor  # int64 [P, S]: 0 at the winner, UNRANKED at the loser, IGNORE elsewhere
+
+
+def all_pairs(ranks: Tensor) -> PairRanks:
+    """Every pairwise preference implied by top-k lists (the paper's DPO-AllPairs).
+
+    A top-k list ``y_1 > ... > y_k`` over ``S_b`` implies ``y_i > y_j`` for ``i < j <= k``
+    and ``y_i > u`` for every unranked ``u``: ``k (k - 1) / 2 + k (n - k)`` pairs. Each
+    pair becomes a row of pairwise ranks, so any loss of this library applies to it:
+    ``p = all_pairs(ranks); mnl_topk(policy_logps[p.row], ref_logps[p.row], p.ranks)``
+    is DPO on all pairs.
+
+    Shape:
+        - ranks: ``(B, S)``; output ``row``: ``(P,)``, ``ranks``: ``(P, S)``.
+    """
+    S = ranks.shape[-1]
+    present = in_assortment(ranks)
+    ranked = ranks >= 0
+    # win[b, i, j]: slot i is preferred to slot j
+    win = (
+        ranked[:, :, None]
+        & present[:, None, :]
+        & ((ranks[:, None, :] == UNRANKED) | (ranks[:, :, None] < ranks[:, None, :]))
+    )
+    row, winner, loser = win.nonzero(as_tuple=True)
+    slots = torch.arange(S, device=ranks.device)
+    pair_ranks = torch.full((row.numel(), S), IGNORE, dtype=torch.int64, device=ranks.device)
+    pair_ranks = torch.where(slots == winner[:, None], 0, pair_ranks)
+    pair_ranks = torch.where(slots == loser[:, None], UNRANKED, pair_ranks)
+    return PairRanks(row, pair_ranks)
+
+
+def top_bottom_pair(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Pairwise ranks keeping only the best and the worst response of each row by score.
+
+    The common reduction of scored responses to one DPO pair (the paper's pairwise
+    setup, appendix G). Ties go to the lower slot index for the best and the higher
+    slot index for the worst, so the two differ whenever ``|S_b| >= 2``.
+
+    Returns:
+        int64 ``[B, S]``: 0 at the best slot, ``UNRANKED`` at the worst, ``IGNORE`` elsewhere.
+
+    Shape:
+        - scores: ``(B, S)``; mask: ``(B, S)`` bool, True for slots in the assortment.
+    """
+    full = ranks_from_scores(scores, None, mask)
+    n = in_assortment(full).sum(-1, keepdim=True)
+    return torch.where(full == 0, 0, torch.where((full == n - 1) & (n >= 2), UNRANKED, IGNORE))
