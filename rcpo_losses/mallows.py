@@ -61,13 +61,14 @@ def mallows_rmj_topk_sum(rewards: Tensor, ranks: Tensor) -> Tensor:
 
 
 def _weight(neg_log_phi: float | Tensor, like: Tensor) -> Tensor:
-    return torch.as_tensor(neg_log_phi, device=like.device).to(like.dtype).expand(like.shape[0])
+    # dtype at construction: a Python float must not round through fp32 on its way to fp64
+    return torch.as_tensor(neg_log_phi, dtype=like.dtype, device=like.device).expand(like.shape[0])
 
 
 def _rows(rewards: Tensor, ranks: Tensor, neg_log_phi: float | Tensor, backend: str) -> Tensor:
     w = _weight(neg_log_phi, rewards)
     if _backend.use_triton(backend, rewards):
-        from .ops import mallows_rmj_topk_rows
+        from .choice_ops import mallows_rmj_topk_rows
 
         return mallows_rmj_topk_rows(rewards, ranks, w)
     return w * mallows_rmj_topk_sum(rewards, ranks)
