@@ -1,10 +1,12 @@
 import os
 
-# The Triton interpreter must be on before triton is first imported: with no GPU, the
-# kernels run on CPU tensors under it.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # does not import triton
 
-import torch  # noqa: E402
+# The Triton interpreter must be on before triton is first imported: with no GPU, the
+# kernels run on CPU tensors under it. With CUDA the kernels run compiled, on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

@@ -1,0 +1,88 @@
+"""Turn pytest-benchmark JSON files into one Markdown report.
+
+    python benchmarks/report.py out/bench_*.json > report.md
+
+One section per JSON file (machine, commit, then a table per benchmark group). Columns:
+the test's parameters, median and interquartile range of the time per call, rounds,
+and whatever the benchmark put in ``extra_info`` (for the choice losses: ``gbps``, the
+achieved bandwidth for the bytes a fused implementation must move, and ``pct_of_copy``,
+that relative to a device-to-device copy of the same run). Within a group, a
+``speedup`` column compares each row with the group's ``torch`` row (``impl`` in
+``extra_info`` or ``params``) when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SKIP_EXTRA = {"bytes", "device", "impl"}
+
+
+def _time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _value(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _params(bench: dict) -> str:
+    params = bench.get("params") or {}
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or bench["name"]
+
+
+def _impl(bench: dict) -> str | None:
+    extra = bench.get("extra_info") or {}
+    return extra.get("impl") or (bench.get("params") or {}).get("impl")
+
+
+def section(path: Path) -> str:
+    data = json.loads(path.read_text())
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    lines = [f"## {path.stem}", ""]
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    devices = {b.get("extra_info", {}).get("device") for b in data["benchmarks"]} - {None}
+    lines.append(f"- machine: {machine.get('node', '?')}, CPU {cpu}, device(s): {', '.join(sorted(devices)) or '?'}")
+    lines.append(f"- python {machine.get('python_version', '?')}; commit {commit.get('id', '?')[:12]}")
+    lines.append(f"- date: {data.get('datetime', '?')}")
+    lines.append("")
+
+    groups: dict[str, list[dict]] = {}
+    for bench in data["benchmarks"]:
+        groups.setdefault(bench.get("group") or bench["name"], []).append(bench)
+    for group, benches in groups.items():
+        extras = sorted({k for b in benches for k in (b.get("extra_info") or {}) if k not in SKIP_EXTRA})
+        base = next((b for b in benches if _impl(b) == "torch"), None)
+        header = ["benchmark", "median", "IQR", "rounds", *extras] + (["speedup vs torch"] if base else [])
+        lines += [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for b in benches:
+            stats = b["stats"]
+            extra = b.get("extra_info") or {}
+            row = [_params(b), _time(stats["median"]), _time(stats["iqr"]), str(stats["rounds"])]
+            row += [_value(extra.get(k, "")) for k in extras]
+            if base:
+                row.append(f"{base['stats']['median'] / stats['median']:.2f}x")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    paths = [Path(p) for p in argv if Path(p).is_file()]
+    if not paths:
+        print("usage: python benchmarks/report.py BENCH.json [...]", file=sys.stderr)
+        return 2
+    print("# Benchmark report\n")
+    for path in paths:
+        print(section(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,236 @@
+"""Per-token target log-prob and entropy in one online-softmax pass over the vocabulary.
+
+For one row ``z`` of ``V`` logits and its target token ``t``:
+
+    lse  = log sum_v exp(z_v)
+    logp = z_t - lse
+    H    = -sum_v p_v log p_v = lse - sum_v p_v z_v,      p = softmax(z)
+
+The forward kernel (one program per row) reads the row once, in blocks of ``BLOCK_V``,
+and keeps three running scalars, relative to the running max ``m``:
+
+    m = max_v z_v,   s = sum_v exp(z_v - m),   w = sum_v exp(z_v - m) (z_v - m)
+
+When a block raises the max from ``m`` to ``m'`` (``d = m - m' <= 0``), every old term
+is rescaled: ``exp(z - m') = exp(d) exp(z - m)`` and ``(z - m') = (z - m) + d``, so
+
+    s' = exp(d) s + sum_block exp(z - m')
+    w' = exp(d) (w + d s) + sum_block exp(z - m') (z - m')
+
+which is exact algebra, not an approximation. At the end ``lse = m + log s`` and
+``H = log s - w / s``: ``s >= 1`` (the max contributes ``exp(0)``) and ``w <= 0``, so
+``H`` is a sum of two non-negative terms and keeps its relative accuracy even when the
+logits are large (no ``lse - E[z]`` cancellation).
+
+The backward kernel (one program per row and block of ``V``) recomputes
+``log p = z - lse`` from the saved ``lse`` and writes
+
+    dL/dz_v = g_logp (1{v = t} - p_v) - g_H p_v (log p_v + H)
+
+in the logits' dtype: one read of the logits, one write of the gradient.
+
+All arithmetic is fp32 (fp64 for fp64 logits); bf16/fp16 are converted right after the
+load. Rows whose target is ``ignore_index`` read nothing and get 0 outputs and a 0
+gradient. Registered as custom ops in ``rcpo_losses.token_ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _online_update(m, s, w, z):
+    """Fold one block ``z`` (masked lanes hold -inf) into the running ``(m, s, w)``."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # A finite reference point: while every logit seen is -inf, m_new is -inf too.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    e = tl.exp(z - m_ref)
+    # e * (z - m_ref) -> 0 as e -> 0; written out so that -inf lanes give 0, not 0 * -inf.
+    ez = tl.where(e > 0, e * (z - m_ref), 0.0)
+    # Rescale the old terms; when nothing was summed yet (s = 0, m = -inf) there is nothing to rescale.
+    w_old = tl.where(s > 0, alpha * (w + (m - m_ref) * s), 0.0)
+    return m_new, s * alpha + tl.sum(e, axis=0), w_old + tl.sum(ez, axis=0)
+
+
+@triton.jit
+def _finalize(m, s, w):
+    """``(lse, H)`` from the running max, sum of exp and sum of exp times shifted logit."""
+    log_s = tl.log(s)
+    return m + log_s, log_s - w / s
+
+
+@triton.jit
+def _target_logit(row_ptr, t, valid, V, ACC: tl.constexpr):
+    """``z_t`` for a valid row; NaN for a target outside ``[0, V)`` (never read out of bounds)."""
+    in_range = valid & (t >= 0) & (t < V)
+    return tl.load(row_ptr + tl.where(in_range, t, 0), mask=in_range, other=float("nan")).to(ACC)
+
+
+@triton.jit
+def _token_stats_fwd_kernel(
+    logits_ptr,
+    targets_ptr,
+    logp_ptr,
+    ent_ptr,
+    lse_ptr,
+    stride_row,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    t = tl.load(targets_ptr + row)
+    valid = t != ignore_index
+    m = tl.full([], float("-inf"), ACC)
+    s = tl.zeros([], ACC)
+    w = tl.zeros([], ACC)
+    # Ignored rows run no iterations, so their logits are never read.
+    n_cols = tl.where(valid, V, 0)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        m, s, w = _online_update(m, s, w, z)
+    lse, ent = _finalize(m, s, w)
+    logp = _target_logit(row_ptr, t, valid, V, ACC) - lse
+    out_ty = logp_ptr.dtype.element_ty
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0).to(out_ty))
+    tl.store(ent_ptr + row, tl.where(valid, ent, 0.0).to(out_ty))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0).to(out_ty))
+
+
+@triton.jit
+def _grad_block(z, is_target, lse, ent, g_logp, g_ent):
+    """``g_logp (onehot - p) - g_ent p (log p + H)`` for one block of a row."""
+    log_p = z - lse
+    p = tl.exp(log_p)
+    # p = 0 (a -inf or underflowed logit) contributes exactly 0; avoids 0 * inf.
+    g = tl.where(p > 0, -p * (g_logp + g_ent * (log_p + ent)), 0.0)
+    return g + tl.where(is_target, g_logp, 0.0)
+
+
+@triton.jit
+def _token_stats_bwd_kernel(
+    logits_ptr,
+    targets_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_logp_ptr,
+    g_ent_ptr,
+    grad_ptr,
+    stride_row,
+    stride_grad_row,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_v = cols < V
+    t = tl.load(targets_ptr + row)
+    valid = t != ignore_index
+    # Ignored rows read no logits (every lane masked) and write zeros.
+    z = tl.load(logits_ptr + row * stride_row + cols, mask=in_v & valid, other=float("-inf")).to(ACC)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    ent = tl.load(ent_ptr + row).to(ACC)
+    g_logp = tl.load(g_logp_ptr + row).to(ACC)
+    g_ent = tl.load(g_ent_ptr + row).to(ACC)
+    g = _grad_block(z, cols == t, lse, ent, g_logp, g_ent)
+    g = tl.where(valid, g, 0.0)
+    tl.store(grad_ptr + row * stride_grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_v)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-token outputs: fp64 for fp64 logits, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_v(V: int, block_v: int) -> int:
+    if block_v:
+        if block_v & (block_v - 1):
+            raise ValueError(f"block_v: must be a power of two, got {block_v}")
+        return block_v
+    return min(MAX_BLOCK_V, triton.next_power_of_2(max(V, 1)))
+
+
+def _num_warps(block_v: int) -> int:
+    return 4 if block_v <= 1024 else 8
+
+
+def token_stats_forward(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, block_v: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. ``logits`` ``[N, V]`` with unit column stride, ``targets`` ``[N]`` int.
+
+    Returns ``(logp, entropy, lse)``, each ``[N]`` in fp32 (fp64 for fp64 logits).
+    """
+    N, V = logits.shape
+    assert logits.stride(1) == 1 or V == 1, "logits must have unit stride along V"
+    dtype = out_dtype(logits.dtype)
+    logp = torch.empty(N, dtype=dtype, device=logits.device)
+    ent = torch.empty(N, dtype=dtype, device=logits.device)
+    lse = torch.empty(N, dtype=dtype, device=logits.device)
+    if N == 0:
+        return logp, ent, lse
+    bv = _block_v(V, block_v)
+    _token_stats_fwd_kernel[(N,)](
+        logits,
+        targets,
+        logp,
+        ent,
+        lse,
+        logits.stride(0),
+        V,
+        ignore_index,
+        BLOCK_V=bv,
+        ACC=_acc(logits.dtype),
+        num_warps=_num_warps(bv),
+    )
+    return logp, ent, lse
+
+
+def token_stats_backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ent: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor,
+    ignore_index: int,
+    block_v: int = 0,
+) -> torch.Tensor:
+    """Launch the backward kernel: the ``[N, V]`` logits gradient, in the logits' dtype."""
+    N, V = logits.shape
+    grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0 or V == 0:
+        return grad
+    bv = _block_v(V, block_v)
+    _token_stats_bwd_kernel[(N, triton.cdiv(V, bv))](
+        logits,
+        targets,
+        lse,
+        ent,
+        g_logp,
+        g_ent,
+        grad,
+        logits.stride(0),
+        grad.stride(0),
+        V,
+        ignore_index,
+        BLOCK_V=bv,
+        ACC=_acc(logits.dtype),
+        num_warps=_num_warps(bv),
+    )
+    return grad

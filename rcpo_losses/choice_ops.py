@@ -1,0 +1,160 @@
+"""The choice-model Triton kernels as ``torch.library`` custom ops.
+
+``rcpo_losses::mnl_topk`` and ``rcpo_losses::mallows_rmj_topk`` (with their
+``*_backward`` ops) wrap the kernels of ``rcpo_losses.kernels.mnl`` and
+``rcpo_losses.kernels.mallows``. Each op has a fake (meta) implementation and an autograd
+formula, so ``torch.compile(fullgraph=True)`` traces through it and autograd runs the
+fused backward kernel. The ops are plain ``custom_op``s rather than ``triton_op``s so
+that they also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+
+This module imports Triton; ``rcpo_losses.mnl`` and ``rcpo_losses.mallows`` import it
+only when they take the Triton path (see ``rcpo_losses._backend.use_triton``).
+
+Limit: the kernels hold one row in one block of up to ``MAX_SLOTS`` slots. Wider
+problems (``S > MAX_SLOTS``) run the PyTorch reference instead, with the same result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import choice_common as _common
+from .kernels import mallows as _mallows_kernels
+from .kernels import mnl as _mnl_kernels
+from .rewards import compute_dtype
+
+#: Widest ``S`` that the kernels take; above it the PyTorch reference runs.
+MAX_SLOTS = _common.MAX_BLOCK_S
+
+_KERNEL_RANK_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_shapes(rewards: Tensor, ranks: Tensor, w: Tensor | None = None) -> None:
+    """What the kernels index by: ``[B, S]`` rewards and ranks (and ``[B]`` w) on one device."""
+    if rewards.dim() != 2 or ranks.shape != rewards.shape:
+        raise ValueError(f"rewards, ranks: expected [B, S] tensors, got {tuple(rewards.shape)}, {tuple(ranks.shape)}")
+    if ranks.dtype.is_floating_point or ranks.dtype.is_complex or ranks.dtype == torch.bool:
+        raise TypeError(f"ranks: expected an integer tensor, got {ranks.dtype}")
+    if ranks.device != rewards.device:
+        raise ValueError(f"ranks: on {ranks.device} but rewards is on {rewards.device}")
+    if w is not None:
+        if w.shape != rewards.shape[:1]:
+            raise ValueError(f"w: expected shape ({rewards.shape[0]},), got {tuple(w.shape)}")
+        if w.device != rewards.device:
+            raise ValueError(f"w: on {w.device} but rewards is on {rewards.device}")
+
+
+def _kernel_ranks(ranks: Tensor) -> Tensor:
+    """int32/int64 ranks pass through; any other integer dtype is converted to int32 once."""
+    return ranks if ranks.dtype in _KERNEL_RANK_DTYPES else ranks.to(torch.int32)
+
+
+# --- MNL ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rcpo_losses::mnl_topk", mutates_args=())
+def mnl_topk_op(rewards: Tensor, ranks: Tensor) -> Tensor:
+    """Per-row MNL top-k NLL ``[B]`` (``rcpo_losses.mnl.mnl_topk_nll``), fused Triton kernel."""
+    return _mnl_kernels.mnl_topk_fwd(rewards, ranks)
+
+
+@mnl_topk_op.register_fake
+def _(rewards: Tensor, ranks: Tensor) -> Tensor:
+    return rewards.new_empty(rewards.shape[0])
+
+
+@torch.library.custom_op("rcpo_losses::mnl_topk_backward", mutates_args=())
+def mnl_topk_backward_op(grad: Tensor, rewards: Tensor, ranks: Tensor) -> Tensor:
+    """Gradient ``[B, S]`` of ``sum_b grad[b] * mnl_topk(rewards, ranks)[b]`` w.r.t. rewards."""
+    return _mnl_kernels.mnl_topk_bwd(grad, rewards, ranks)
+
+
+@mnl_topk_backward_op.register_fake
+def _(grad: Tensor, rewards: Tensor, ranks: Tensor) -> Tensor:
+    return rewards.new_empty(rewards.shape)
+
+
+def _mnl_setup_context(ctx, inputs, output) -> None:
+    rewards, ranks = inputs
+    ctx.save_for_backward(rewards, ranks)
+
+
+def _mnl_backward(ctx, grad: Tensor):
+    rewards, ranks = ctx.saved_tensors
+    return mnl_topk_backward_op(grad, rewards, ranks), None
+
+
+mnl_topk_op.register_autograd(_mnl_backward, setup_context=_mnl_setup_context)
+
+
+def mnl_topk_rows(rewards: Tensor, ranks: Tensor) -> Tensor:
+    """Per-row MNL top-k loss ``[B]`` through the Triton kernel (PyTorch above ``MAX_SLOTS``).
+
+    Shape:
+        - rewards: ``(B, S)`` float (computed in fp32, fp64 for fp64); ranks: ``(B, S)`` int.
+        - output: ``(B,)`` in the compute dtype.
+    """
+    _check_shapes(rewards, ranks)
+    rewards = rewards.to(compute_dtype(rewards))
+    if rewards.shape[-1] > MAX_SLOTS:
+        from .mnl import mnl_topk_nll
+
+        return mnl_topk_nll(rewards, ranks)
+    return mnl_topk_op(rewards, _kernel_ranks(ranks))
+
+
+# --- Mallows-RMJ ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rcpo_losses::mallows_rmj_topk", mutates_args=())
+def mallows_rmj_topk_op(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
+    """Per-row ``w * mallows_rmj_topk_sum(rewards, ranks)`` ``[B]``, fused Triton kernel."""
+    return _mallows_kernels.mallows_rmj_topk_fwd(rewards, ranks, w)
+
+
+@mallows_rmj_topk_op.register_fake
+def _(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
+    return rewards.new_empty(rewards.shape[0])
+
+
+@torch.library.custom_op("rcpo_losses::mallows_rmj_topk_backward", mutates_args=())
+def mallows_rmj_topk_backward_op(grad: Tensor, rewards: Tensor, ranks: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients ``([B, S], [B])`` w.r.t. rewards and ``w`` of ``sum_b grad[b] * loss[b]``."""
+    return _mallows_kernels.mallows_rmj_topk_bwd(grad, rewards, ranks, w)
+
+
+@mallows_rmj_topk_backward_op.register_fake
+def _(grad: Tensor, rewards: Tensor, ranks: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    return rewards.new_empty(rewards.shape), rewards.new_empty(rewards.shape[0])
+
+
+def _mallows_setup_context(ctx, inputs, output) -> None:
+    rewards, ranks, w = inputs
+    ctx.save_for_backward(rewards, ranks, w)
+
+
+def _mallows_backward(ctx, grad: Tensor):
+    rewards, ranks, w = ctx.saved_tensors
+    grad_r, grad_w = mallows_rmj_topk_backward_op(grad, rewards, ranks, w)
+    return grad_r, None, grad_w if ctx.needs_input_grad[2] else None
+
+
+mallows_rmj_topk_op.register_autograd(_mallows_backward, setup_context=_mallows_setup_context)
+
+
+def mallows_rmj_topk_rows(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
+    """Per-row Mallows-RMJ loss ``w * s`` ``[B]`` through the Triton kernel (PyTorch above ``MAX_SLOTS``).
+
+    Shape:
+        - rewards: ``(B, S)`` float; ranks: ``(B, S)`` int; w: ``(B,)`` (may be expanded).
+        - output: ``(B,)`` in the compute dtype.
+    """
+    _check_shapes(rewards, ranks, w)
+    rewards = rewards.to(compute_dtype(rewards))
+    w = w.to(rewards.dtype)
+    if rewards.shape[-1] > MAX_SLOTS:
+        from .mallows import mallows_rmj_topk_sum
+
+        return w * mallows_rmj_topk_sum(rewards, ranks)
+    return mallows_rmj_topk_op(rewards, _kernel_ranks(ranks), w)
