@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -11,9 +10,12 @@ from torch import Tensor
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.cache
+# Looked up once, without importing triton; a plain constant is free for torch.compile to trace.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_AVAILABLE
 
 
 def interpreting() -> bool:
