@@ -16,15 +16,23 @@ from .metrics import ranking_metrics
 from .mnl import mnl_discrete, mnl_log_likelihood, mnl_pairwise, mnl_topk, mnl_topk_from_rewards
 from .ranks import IGNORE, UNRANKED, all_pairs, ranks_from_order, ranks_from_scores, top_bottom_pair
 from .rewards import implicit_rewards
-from .tokens import sequence_logps
+from .tokens import (
+    ResponseTokenStats,
+    entropy_dispersion_from_logits,
+    response_token_stats,
+    sequence_logps,
+    token_logps_and_entropy,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IGNORE",
     "UNRANKED",
+    "ResponseTokenStats",
     "all_pairs",
     "entropy_dispersion",
+    "entropy_dispersion_from_logits",
     "implicit_rewards",
     "mallows_rmj_discrete",
     "mallows_rmj_log_likelihood",
@@ -39,6 +47,8 @@ __all__ = [
     "ranking_metrics",
     "ranks_from_order",
     "ranks_from_scores",
+    "response_token_stats",
     "sequence_logps",
+    "token_logps_and_entropy",
     "top_bottom_pair",
 ]

@@ -1,9 +1,22 @@
-"""From tokens to responses: per-response log-probs out of per-token log-probs."""
+"""From tokens to responses: per-token log-probs and entropies, and their per-response sums.
+
+``token_logps_and_entropy`` is one streaming pass over the vocabulary: the Triton kernel
+``rcpo_losses.kernels.token_stats`` on CUDA, and everywhere else ``_TokenStats``, a
+PyTorch ``autograd.Function`` that walks the rows in chunks so that no full fp32 copy of
+the ``[N, V]`` logits is ever made. ``_token_stats_reference`` is the plain formula
+(``log_softmax``, ``gather``, ``softmax * log_softmax``) both are tested against.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+from . import _backend
+from ._checks import should_sync
+from .dispersion import entropy_dispersion
 
 
 def sequence_logps(token_logps: Tensor, mask: Tensor, *, normalize: bool = False) -> Tensor:
@@ -26,3 +39,358 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, *, normalize: bool = False
     if normalize:
         total = total / mask.sum(-1).clamp(min=1).to(dtype)
     return total
+
+
+# Elements per chunk buffer of the PyTorch path (fp32: 4 MiB each; a pass holds three).
+CHUNK_ELEMENTS = 1 << 20
+# Below this shifted log-prob, exp() is exactly 0 even in fp64 (exp(-745) underflows): clamping
+# log p there keeps p * log p (and p * (log p + H) * g) at 0 instead of 0 * inf = NaN.
+_LOG_P_FLOOR = -1e4
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(chunk_size: int | None, V: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(V, 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive number of rows, got {chunk_size}")
+    return chunk_size
+
+
+def _safe_targets(targets: Tensor, valid: Tensor, V: int) -> Tensor:
+    return torch.where(valid, targets, 0).clamp(0, max(V - 1, 0))
+
+
+class _Workspace:
+    """Chunk buffers allocated once per pass and reused for every chunk.
+
+    Fresh ``chunk x V`` temporaries per chunk would each be a new heap or mmap block that
+    the OS must fault in (and glibc may hand back between chunks); reusing three buffers
+    keeps the pass at a fixed ``3 * chunk * V`` elements and avoids that churn.
+    """
+
+    def __init__(self, logits: Tensor, chunk: int, dtype: torch.dtype) -> None:
+        shape = (min(chunk, logits.shape[0]), logits.shape[1])
+        # fp32/fp64 logits are read in place; bf16/fp16 ones are converted into self.z.
+        self.z = None if logits.dtype == dtype else torch.empty(shape, dtype=dtype, device=logits.device)
+        self.a = torch.empty(shape, dtype=dtype, device=logits.device)
+        self.b = torch.empty(shape, dtype=dtype, device=logits.device)
+
+    def rows(self, logits: Tensor, a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z, buf_a, buf_b)`` for rows ``a:b``: the logits in the compute dtype (never written) and two buffers."""
+        n = b - a
+        z = logits[a:b] if self.z is None else self.z[:n].copy_(logits[a:b])
+        return z, self.a[:n], self.b[:n]
+
+
+class _TokenStats(torch.autograd.Function):
+    """Chunked PyTorch path: ``[N, V]`` logits, ``[N]`` targets -> ``[N]`` logp, entropy.
+
+    Forward and backward both walk ``chunk`` rows at a time in a :class:`_Workspace` of
+    three fp32 ``chunk x V`` buffers (two when the logits are fp32/fp64 already). Saved
+    for the backward: the logits (no copy) and the per-row ``lse`` and entropy, ``O(N)``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int, chunk: int) -> tuple[Tensor, Tensor]:
+        N, V = logits.shape
+        dtype = _compute_dtype(logits.dtype)
+        valid = targets != ignore_index
+        in_range = valid & (targets >= 0) & (targets < V)
+        safe = _safe_targets(targets, valid, V)
+        logp = torch.empty(N, dtype=dtype, device=logits.device)
+        ent = torch.empty(N, dtype=dtype, device=logits.device)
+        lse = torch.empty(N, dtype=dtype, device=logits.device)
+        work = _Workspace(logits, chunk, dtype)
+        for a in range(0, N, chunk):
+            b = min(a + chunk, N)
+            z, log_p, p = work.rows(logits, a, b)
+            # torch's fused (log_)softmax kernels: about twice as fast on CPU as logsumexp + exp.
+            torch.log_softmax(z, dim=-1, out=log_p)
+            # lse = z_v - log p_v for every v; at the largest logit, log p_v = -log sum exp(z - max) is in
+            # [-log V, 0], so max(z) - max(log p) has no cancellation (and amax is cheap, unlike argmax).
+            lse[a:b] = z.amax(dim=-1) - log_p.amax(dim=-1)
+            logp[a:b] = torch.where(in_range[a:b], log_p.gather(1, safe[a:b, None]).squeeze(1), torch.nan)
+            torch.softmax(z, dim=-1, out=p)
+            ent[a:b] = -p.mul_(log_p.clamp_(min=_LOG_P_FLOOR)).sum(-1)
+        zero = torch.zeros((), dtype=dtype, device=logits.device)
+        logp = torch.where(valid, logp, zero)
+        ent = torch.where(valid, ent, zero)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.ignore_index = ignore_index
+        ctx.chunk = chunk
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp: Tensor, g_ent: Tensor) -> tuple[Tensor, None, None, None]:
+        logits, targets, lse, ent = ctx.saved_tensors
+        N, V = logits.shape
+        dtype = lse.dtype
+        valid = targets != ctx.ignore_index
+        safe = _safe_targets(targets, valid, V)
+        zero = torch.zeros((), dtype=dtype, device=logits.device)
+        g_logp = torch.where(valid, g_logp.to(dtype), zero)
+        g_ent = torch.where(valid, g_ent.to(dtype), zero)
+        grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+        work = _Workspace(logits, ctx.chunk, dtype)
+        for a in range(0, N, ctx.chunk):
+            b = min(a + ctx.chunk, N)
+            gl, gh = g_logp[a:b, None], g_ent[a:b, None]
+            z, log_p, p = work.rows(logits, a, b)
+            torch.softmax(z, dim=-1, out=p)
+            torch.sub(z, lse[a:b, None], out=log_p)
+            # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
+            g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[a:b, None]).mul_(gh).add_(gl).mul_(p).neg_()
+            g.scatter_add_(1, safe[a:b, None], gl)  # + g_logp * onehot(t)
+            g.masked_fill_(~valid[a:b, None], 0)  # ignored rows: 0 even if their logits hold NaN
+            grad[a:b] = g
+        return grad, None, None, None
+
+
+def _token_stats_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The plain formulas, on the whole ``[..., V]`` tensor at once (the specification; memory-hungry)."""
+    dtype = _compute_dtype(logits.dtype)
+    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+    valid = targets != ignore_index
+    logp = log_p.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    ent = -(log_p.exp() * log_p.clamp(min=_LOG_P_FLOOR)).sum(-1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+
+
+def _check_token_inputs(logits: Tensor, targets: Tensor, ignore_index: int, validate: bool) -> None:
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits: expected a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected (*, V) with V >= 1, got shape {tuple(logits.shape)}")
+    if tuple(logits.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"targets: shape {tuple(targets.shape)} must be logits' shape without the vocabulary dim, "
+            f"logits are {tuple(logits.shape)}"
+        )
+    if logits.device != targets.device:
+        raise ValueError(f"targets: on {targets.device}, logits on {logits.device}")
+    if not should_sync(validate) or targets.numel() == 0:
+        return
+    V = logits.shape[-1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"targets{list(idx)}: token id {int(targets[idx])} is outside [0, {V}) and not ignore_index={ignore_index}"
+        )
+
+
+def token_logps_and_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int = -100,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    r"""Per-token target log-prob and next-token entropy, in one pass over the vocabulary.
+
+    .. math::
+        \log p_t = z_t - \log \sum_v e^{z_v}, \qquad
+        H = -\sum_v p_v \log p_v, \quad p = \operatorname{softmax}(z)
+
+    with gradients :math:`\partial \log p_t / \partial z = \mathrm{onehot}_t - p` and
+    :math:`\partial H / \partial z = -p\,(\log p + H)`, both in one backward pass. ``H``
+    is the entropy that the Mallows dispersion proxy sums (paper appendix D, eq. 15-16).
+
+    Neither pass materializes the ``[N, V]`` softmax: on CUDA (``backend="auto"`` or
+    ``"triton"``) a Triton kernel streams each row once with an online softmax; otherwise
+    the rows are processed ``chunk_size`` at a time, so extra memory is three fp32
+    ``chunk_size x V`` buffers (default: about :math:`2^{20}` elements each, 12 MiB in all).
+
+    Positions whose target is ``ignore_index`` get 0 for both outputs and a 0 gradient;
+    their logits may hold anything. With ``validate=True`` (eager only) a target outside
+    ``[0, V)`` that is not ``ignore_index`` raises; unvalidated, it yields a NaN log-prob.
+
+    Args:
+        logits: ``(*, V)`` fp32, bf16, fp16 or fp64; the math runs in fp32 (fp64 for fp64).
+        targets: ``(*)`` integer token ids aligned with ``logits`` (shift them yourself:
+            ``logits[..., t, :]`` predicts ``targets[..., t]``).
+        ignore_index: target value of positions to skip.
+        chunk_size: rows per chunk of the PyTorch path (ignored by the Triton kernel).
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+        validate: check the target ids (a device-to-host sync; skipped under ``torch.compile``).
+
+    Returns:
+        ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 logits). The logits gradient
+        comes back in the logits' dtype.
+
+    Shape:
+        - logits: ``(*, V)``; targets: ``(*)``; outputs: ``(*)``, e.g. ``(B, T)`` from ``(B, T, V)``.
+    """
+    _check_token_inputs(logits, targets, ignore_index, validate)
+    shape = targets.shape
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    if V > 1 and z.stride(-1) != 1:
+        z = z.contiguous()
+    t = targets.reshape(-1).long()
+    if _backend.use_triton(backend, logits):
+        from .token_ops import token_logps_and_entropy_triton
+
+        logp, ent = token_logps_and_entropy_triton(z, t.contiguous(), ignore_index)
+    else:
+        logp, ent = _TokenStats.apply(z, t, ignore_index, _chunk_rows(chunk_size, V))
+    return logp.reshape(shape), ent.reshape(shape)
+
+
+class ResponseTokenStats(NamedTuple):
+    """Per-response sums over completion tokens; see :func:`response_token_stats`."""
+
+    logps: Tensor  # sum_t log p(y_t | x, y_<t): the sequence log-prob of eq. 2
+    entropy_sums: Tensor  # sum_t H_t
+    lengths: Tensor  # number of completion tokens (int64)
+
+
+def _completion_targets(
+    labels: Tensor, mask: Tensor | None, ignore_index: int, shift_labels: bool
+) -> tuple[Tensor, Tensor]:
+    """Targets aligned with the logits, and the completion mask (``targets != ignore_index``)."""
+    if mask is not None:
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not match labels {tuple(labels.shape)}")
+        labels = torch.where(mask.bool(), labels, ignore_index)
+    if shift_labels:
+        # Shift the (small) labels, not the logits: slicing logits[..., :-1, :] would force a copy.
+        pad = torch.full_like(labels[..., :1], ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    return labels, labels != ignore_index
+
+
+def response_token_stats(
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    *,
+    shift_labels: bool = False,
+    num_responses: int | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> ResponseTokenStats:
+    r"""Sequence log-probs, entropy sums and lengths of responses, from their logits.
+
+    .. math::
+        \log \pi(y_i \mid x) = \sum_t m_{i,t} \log p_{i,t}(y_{i,t}), \qquad
+        \textstyle\sum_t H_{i,t} = \sum_t m_{i,t} H(p_{i,t}), \qquad
+        |y_i| = \sum_t m_{i,t}
+
+    where ``p_{i,t}`` is the next-token distribution at completion token ``t`` of
+    response ``i`` and ``m`` the completion mask. The log-probs are the ``policy_logps`` /
+    ``ref_logps`` of eq. 2; the entropy sums and lengths feed :func:`entropy_dispersion`
+    (appendix D), as does :func:`entropy_dispersion_from_logits` in one call. One pass of
+    :func:`token_logps_and_entropy` over the vocabulary; gradients flow to the logits
+    through ``logps`` and ``entropy_sums`` (wrap the reference model's call in
+    ``torch.no_grad()``).
+
+    Args:
+        logits: ``(*, T, V)``: e.g. ``(B, S, T, V)``, or ``(B * S, T, V)`` with ``num_responses=S``.
+        labels: ``(*, T)`` token ids. Positions equal to ``ignore_index`` (prompt, padding)
+            are left out.
+        mask: optional ``(*, T)`` bool completion mask, applied on top of ``ignore_index``.
+        shift_labels: ``labels`` (and ``mask``) are aligned with the model's input ids, as
+            in Hugging Face models: ``logits[..., t, :]`` predicts ``labels[..., t + 1]``.
+            The labels are shifted, never the logits (no copy of the logits).
+        num_responses: reshape the flat leading dim ``B * S`` of the outputs to ``(B, S)``.
+        ignore_index, chunk_size, backend, validate: as in :func:`token_logps_and_entropy`.
+
+    Shape:
+        - logits: ``(*, T, V)``; labels, mask: ``(*, T)``.
+        - outputs: ``(*)``, or ``(B, S)`` with ``num_responses=S``; ``logps`` and
+          ``entropy_sums`` fp32 (fp64 for fp64 logits), ``lengths`` int64.
+
+    Example::
+
+        with torch.no_grad():
+            ref = response_token_stats(ref_model(ids).logits, ids, completion_mask, shift_labels=True, num_responses=S)
+        neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, ranks, vocab_size)
+    """
+    if logits.dim() < 2:
+        raise ValueError(f"logits: expected (*, T, V), got shape {tuple(logits.shape)}")
+    targets, valid = _completion_targets(labels, mask, ignore_index, shift_labels)
+    logp, ent = token_logps_and_entropy(
+        logits, targets, ignore_index, chunk_size=chunk_size, backend=backend, validate=validate
+    )
+    # Ignored positions hold exactly 0 (with 0 gradient), so plain sums are the masked sums.
+    out = ResponseTokenStats(logp.sum(-1), ent.sum(-1), valid.sum(-1))
+    if num_responses is not None:
+        if out.lengths.dim() != 1 or out.lengths.shape[0] % num_responses:
+            raise ValueError(
+                f"num_responses: {num_responses} does not divide the flat leading dim of logits "
+                f"{tuple(logits.shape)} into (B, S)"
+            )
+        out = ResponseTokenStats(*(x.reshape(-1, num_responses) for x in out))
+    return out
+
+
+def entropy_dispersion_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    ranks: Tensor,
+    mask: Tensor | None = None,
+    *,
+    shift_labels: bool = False,
+    ignore_index: int = -100,
+    variant: str = "rcpo",
+    scale: float = 1.0,
+    min_ratio: float = 1e-6,
+    detach: bool = True,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""Mallows dispersion weight ``-log phi(x)`` of each prompt, from the responses' logits.
+
+    .. math::
+        w_b = -\log \frac{\sum_{i \in S_b} \sum_t H_{i,t}}{n_b\, N_b \log V},
+        \qquad N_b = \max_{i \in S_b} |y_i|
+
+    (appendix D, extended to ``|S|`` responses; ``variant="mallowspo"`` as in
+    :func:`entropy_dispersion`). :func:`response_token_stats` followed by
+    :func:`entropy_dispersion`; use those two directly to get the reference log-probs from
+    the same pass. With ``detach=True`` (default) it runs under ``torch.no_grad()``: the
+    weight carries no gradient and no autograd state is kept.
+
+    Shape:
+        - logits: ``(B, S, T, V)`` or ``(B * S, T, V)`` (usually the reference model's);
+          labels, mask: the same without ``V``; ranks: ``(B, S)``.
+        - output: ``(B,)`` fp32 (fp64 for fp64 logits).
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+        stats = response_token_stats(
+            logits,
+            labels,
+            mask,
+            shift_labels=shift_labels,
+            ignore_index=ignore_index,
+            chunk_size=chunk_size,
+            backend=backend,
+            validate=validate,
+        )
+    if stats.lengths.numel() != ranks.numel():
+        raise ValueError(
+            f"ranks: shape {tuple(ranks.shape)} does not match the responses of logits {tuple(logits.shape)}"
+        )
+    return entropy_dispersion(
+        stats.entropy_sums.reshape(ranks.shape),
+        stats.lengths.reshape(ranks.shape),
+        ranks,
+        logits.shape[-1],
+        variant=variant,
+        scale=scale,
+        min_ratio=min_ratio,
+        detach=detach,
+    )

@@ -1,0 +1,207 @@
+"""Per-token target log-prob + entropy from bf16 logits: naive PyTorch, torch.compile, chunked, Triton.
+
+Run (not collected by the normal test run, which only looks in tests/):
+
+    python -m pytest benchmarks/bench_tokens.py --benchmark-json=out.json
+
+Sizes ``(tokens, V)``: ``full`` = {(4096, 32000), (16384, 128256)}, the default on CUDA;
+``small`` = {(1024, 32000), (256, 128256)}, the default without CUDA (the full sizes need
+about 40 GB for the naive path and minutes per call on a small CPU). ``RCPO_BENCH_TOKENS``
+(``full`` or ``small``) overrides the default.
+
+Implementations (``impl``):
+
+- ``naive``: ``log_softmax`` in fp32, ``gather`` of the target, ``-(softmax * log_softmax).sum``;
+- ``naive.compile``: the same under ``torch.compile(fullgraph=True, dynamic=False)``;
+- ``chunked``: :func:`rcpo_losses.token_logps_and_entropy` with ``backend="torch"``;
+- ``triton``: the same with ``backend="triton"`` (CUDA only).
+
+Modes: ``fwd`` under ``torch.no_grad()`` (the reference model), ``fwd_bwd`` (the policy:
+forward, then the logits gradient for ``logp.sum() + entropy.sum()`` via
+``torch.autograd.grad``, so no ``.grad`` accumulates between rounds). All targets are
+valid (no ignored positions), so every implementation touches every logit.
+
+``extra_info`` per benchmark: ``peak_mb`` and ``peak_copies``, the peak memory above the
+inputs during one call, in MB and in copies of the bf16 logits (``fwd_bwd`` includes the
+bf16 gradient it returns, one copy); on CUDA ``torch.cuda.max_memory_allocated``; on the
+CPU the peak resident set of one call (``VmHWM`` reset before it) in a fresh subprocess
+with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns every freed block above
+64 KiB at once and the resident set tracks live tensors. (The timings run in-process with
+the normal allocator: with that setting every chunk temporary would be a fresh mmap, and
+its page faults would be timed too.) ``bytes`` is what a fused implementation must move
+(``fwd``: read the logits once; ``fwd_bwd``: that, plus read them again and write the
+gradient: ``3 N V`` bf16 elements), ``gbps`` the achieved rate for those bytes and
+``pct_of_copy`` that relative to a device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rcpo_losses import token_logps_and_entropy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZE = os.environ.get("RCPO_BENCH_TOKENS", "full" if DEVICE == "cuda" else "small")
+if SIZE == "full":
+    SHAPES = ((4096, 32000), (16384, 128256))
+elif SIZE == "small":
+    SHAPES = ((1024, 32000), (256, 128256))
+else:
+    raise ValueError(f"RCPO_BENCH_TOKENS: expected 'full' or 'small', got {SIZE!r}")
+ROUNDS = 10 if DEVICE == "cuda" else 5
+IMPLS = ("naive", "naive.compile", "chunked", "triton")
+DTYPE = torch.bfloat16
+
+for name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, name):
+        setattr(torch._dynamo.config, name, 64)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """The obvious version: several fp32 ``[N, V]`` tensors alive at once."""
+    z = logits.float()
+    log_p = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    logp = log_p.gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1)
+    ent = -(torch.softmax(z, dim=-1) * log_p).sum(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, ent, 0.0)
+
+
+_naive_compiled = torch.compile(naive, fullgraph=True, dynamic=False)
+
+
+def _impl(name: str):
+    if name == "naive":
+        return naive
+    if name == "naive.compile":
+        return _naive_compiled
+    backend = "torch" if name == "chunked" else "triton"
+    return lambda z, t: token_logps_and_entropy(z, t, backend=backend, validate=False)
+
+
+def _step(fn, mode: str, x: torch.Tensor, t: torch.Tensor):
+    if mode == "fwd":
+        with torch.no_grad():
+            return fn(x, t)
+    logp, ent = fn(x, t)
+    return torch.autograd.grad(logp.sum() + ent.sum(), x)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def make_inputs(mode: str, N: int, V: int):
+    g = torch.Generator().manual_seed(N + V)
+    x = (torch.randn(N, V, generator=g) * 2).to(DEVICE, DTYPE).requires_grad_(mode == "fwd_bwd")
+    t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    return x, t
+
+
+def cpu_peak_bytes(mode: str, impl: str, N: int, V: int) -> int | None:
+    """In this process (called by the subprocess below): peak resident set above the inputs, one call."""
+    x, t = make_inputs(mode, N, V)
+    fn = _impl(impl)
+    if impl == "naive.compile":
+        _step(fn, mode, x, t)  # compile first: the compiler's own memory is not the op's
+    try:
+        base = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+    except OSError:
+        return None
+    out = _step(fn, mode, x, t)
+    del out
+    return _status("VmHWM") - base
+
+
+def peak_bytes(run, mode: str, impl: str, N: int, V: int) -> int | None:
+    """Peak memory above the inputs during one call."""
+    if DEVICE == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = run()
+        sync()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    if not sys.platform.startswith("linux"):
+        return None
+    code = (
+        "import importlib.util, json, sys; "
+        f"spec = importlib.util.spec_from_file_location('bench_tokens', {__file__!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        f"print(json.dumps(m.cpu_peak_bytes({mode!r}, {impl!r}, {N}, {V})))"
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def copy_gbps() -> float:
+    """Bandwidth of a device-to-device copy (bytes read + written per second), in GB/s."""
+    n = (512 if DEVICE == "cuda" else 64) * 2**20 // 2
+    src = torch.randn(n, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync()
+    return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - t0) / 1e9
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ("fwd", "fwd_bwd"))
+def test_token_stats(benchmark, copy_gbps, mode, impl, shape):
+    if impl == "triton" and DEVICE != "cuda":
+        pytest.skip("the Triton kernel is benchmarked on CUDA only (the interpreter says nothing about speed)")
+    N, V = shape
+    x, t = make_inputs(mode, N, V)
+    fn = _impl(impl)
+
+    def run():
+        out = _step(fn, mode, x, t)
+        sync()
+        return out
+
+    run()  # warm-up: compilation, autotuning, allocator
+    peak = peak_bytes(run, mode, impl, N, V)
+    benchmark.group = f"token stats {mode} {N}x{V} bf16"
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    copy_bytes = N * V * x.element_size()
+    moved = copy_bytes * (1 if mode == "fwd" else 3)
+    gbps = moved / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info.update(
+        impl=impl,
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        bytes=moved,
+        gbps=gbps,
+        pct_of_copy=100 * gbps / copy_gbps,
+        copy_gbps=copy_gbps,
+    )
+    if peak is not None:
+        benchmark.extra_info.update(peak_mb=peak / 1e6, peak_copies=peak / copy_bytes)

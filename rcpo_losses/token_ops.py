@@ -1,0 +1,88 @@
+"""``torch.library`` registration of the per-token log-prob/entropy Triton kernel.
+
+``rcpo_losses::token_stats`` (forward) returns ``(logp, entropy, lse)`` per row;
+``rcpo_losses::token_stats_backward`` returns the logits gradient. Both carry fake
+(meta) implementations, and the forward an autograd formula, so ``torch.compile``
+(``fullgraph=True``) traces through them. Triton is imported only when a kernel runs,
+so importing this module does not need Triton.
+
+``triton_op`` would let Inductor see inside the kernel, but it does not run under the
+Triton interpreter; ``custom_op`` keeps the kernel opaque and works on CPU tensors
+under ``TRITON_INTERPRET=1`` as well as on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("rcpo_losses::token_stats", mutates_args=())
+def token_stats(logits: Tensor, targets: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)``, each ``[N]``, of ``[N, V]`` logits and ``[N]`` targets (``block_v=0``: auto)."""
+    from .kernels.token_stats import token_stats_forward
+
+    return token_stats_forward(logits, targets, ignore_index, block_v)
+
+
+@token_stats.register_fake
+def _(logits: Tensor, targets: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor, Tensor]:
+    N = logits.shape[0]
+    dtype = _out_dtype(logits.dtype)
+    return tuple(logits.new_empty((N,), dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("rcpo_losses::token_stats_backward", mutates_args=())
+def token_stats_backward(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor,
+    grad_entropy: Tensor,
+    ignore_index: int,
+    block_v: int,
+) -> Tensor:
+    """Gradient ``[N, V]`` (logits' dtype) of ``sum(grad_logp * logp + grad_entropy * entropy)``."""
+    from .kernels.token_stats import token_stats_backward as launch
+
+    return launch(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v)
+
+
+@token_stats_backward.register_fake
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, targets, ignore_index, block_v = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.ignore_index = ignore_index
+    ctx.block_v = block_v
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    zeros = torch.zeros_like(lse)
+    # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
+    g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+    g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
+    # grad_lse is ignored: lse is an internal output (saved for the backward), never exposed.
+    grad = token_stats_backward(logits, targets, lse, entropy, g_logp, g_ent, ctx.ignore_index, ctx.block_v)
+    return grad, None, None, None
+
+
+token_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_logps_and_entropy_triton(
+    logits: Tensor, targets: Tensor, ignore_index: int = -100, block_v: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Triton path of :func:`rcpo_losses.token_logps_and_entropy` for ``[N, V]`` logits and ``[N]`` targets."""
+    logp, ent, _ = token_stats(logits, targets, ignore_index, block_v)
+    return logp, ent
