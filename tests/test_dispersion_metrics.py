@@ -42,7 +42,6 @@ def test_entropy_dispersion_matches_the_loop(variant, seed, B, S, T):
     mask = torch.rand(B, S, T, generator=g) < 0.7
     mask[..., 0] = True
 
-
     ranks = make_ranks(np.random.default_rng(seed), B, S)
     sums = sequence_logps(h, mask)  # a masked sum over tokens, whatever it sums
     lengths = mask.sum(-1)
