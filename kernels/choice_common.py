@@ -52,6 +52,18 @@ def load_rewards(r_ptr, rows, cols, valid, stride_b, stride_s):
 
 
 @triton.jit
+def load_tile(
+    r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """This program's tile: indices and masks, ranks, the assortment mask and the rewards."""
+    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
+    rank = load_ranks(ranks_ptr, rows, cols, in_bounds, stride_kb, stride_ks)
+    valid = (rank >= 0) | (rank == UNRANKED)
+    x = load_rewards(r_ptr, rows, cols, valid, stride_rb, stride_rs)
+    return rows, cols, row_ok, in_bounds, rank, valid, x
+
+
+@triton.jit
 def load_row_scalars(ptr, rows, row_ok, stride):
     """One value per row (upstream gradient, Mallows weight); ``stride`` may be 0 (expanded)."""
     return tl.load(ptr + rows * stride, mask=row_ok, other=0.0)

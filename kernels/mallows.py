@@ -38,10 +38,8 @@ from .choice_common import (
     block_config,
     check_block,
     device_guard,
-    load_ranks,
-    load_rewards,
     load_row_scalars,
-    row_block,
+    load_tile,
     store_tile,
 )
 
@@ -102,10 +100,9 @@ def mallows_rmj_topk_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
-    rank = load_ranks(ranks_ptr, rows, cols, in_bounds, stride_kb, stride_ks)
-    valid = (rank >= 0) | (rank == UNRANKED)
-    x = load_rewards(r_ptr, rows, cols, valid, stride_rb, stride_rs)
+    rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+    )
     w = load_row_scalars(w_ptr, rows, row_ok, stride_w).to(x.dtype)
     pred_rank, weight, k_max = _predecessors(rank, valid, x.dtype)
     sig, _ = _sigmoid_and_slope(x - _gather_predecessor(x, rank, pred_rank, k_max))
@@ -132,10 +129,9 @@ def mallows_rmj_topk_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
-    rank = load_ranks(ranks_ptr, rows, cols, in_bounds, stride_kb, stride_ks)
-    valid = (rank >= 0) | (rank == UNRANKED)
-    x = load_rewards(r_ptr, rows, cols, valid, stride_rb, stride_rs)
+    rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+    )
     w = load_row_scalars(w_ptr, rows, row_ok, stride_w).to(x.dtype)
     g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
     pred_rank, weight, k_max = _predecessors(rank, valid, x.dtype)

@@ -31,10 +31,8 @@ from .choice_common import (
     block_config,
     check_block,
     device_guard,
-    load_ranks,
-    load_rewards,
     load_row_scalars,
-    row_block,
+    load_tile,
     store_tile,
 )
 
@@ -87,10 +85,9 @@ def mnl_topk_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
-    rank = load_ranks(ranks_ptr, rows, cols, in_bounds, stride_kb, stride_ks)
-    valid = (rank >= 0) | (rank == UNRANKED)
-    x = load_rewards(r_ptr, rows, cols, valid, stride_rb, stride_rs)
+    rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+    )
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
     loss = tl.zeros([ROWS], dtype=x.dtype)
     for i in range(0, tl.max(k, axis=0)):
@@ -114,10 +111,9 @@ def mnl_topk_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
-    rank = load_ranks(ranks_ptr, rows, cols, in_bounds, stride_kb, stride_ks)
-    valid = (rank >= 0) | (rank == UNRANKED)
-    x = load_rewards(r_ptr, rows, cols, valid, stride_rb, stride_rs)
+    rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+    )
     g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
     prob = tl.zeros([ROWS, BLOCK_S], dtype=x.dtype)
