@@ -35,30 +35,26 @@ def check_ranks(ranks: Tensor, validate: bool) -> None:
     B, S = ranks.shape
     r = ranks.long()
     legal = (r >= 0) | (r == UNRANKED) | (r == IGNORE)
-    if not legal.all():
-        b = _first_row(~legal.all(-1))
-        raise ValueError(
-            f"ranks[{b}]: entries must be >= 0 (a pick), {UNRANKED} (UNRANKED) or {IGNORE} "
-            f"(IGNORE), got {r[b].tolist()}"
-        )
     n = in_assortment(r).sum(-1)
     k = list_length(r)
-    few = n < 2
-    if few.any():
-        b = _first_row(few)
-        raise ValueError(f"ranks[{b}]: a row needs at least two responses, got {int(n[b])}: {r[b].tolist()}")
-    if (k == 0).any():
-        b = _first_row(k == 0)
-        raise ValueError(f"ranks[{b}]: a row needs at least one ranked response (rank 0), got {r[b].tolist()}")
     # Ranks 0..k-1 once each: count each value; ranks >= S land in column S (where none
     # may be), entries that are not picks in column S + 1 (ignored).
     idx = torch.where(r >= 0, r.clamp(max=S), S + 1)
     counts = torch.zeros(B, S + 2, dtype=torch.int64, device=r.device).scatter_add_(1, idx, torch.ones_like(idx))
     want = (torch.arange(S + 1, device=r.device) < k[:, None]).long()
-    bad = counts[:, : S + 1] != want
-    if bad.any():
-        b = _first_row(bad.any(-1))
-        raise ValueError(f"ranks[{b}]: ranked entries must be 0..k-1 once each (k = {int(k[b])}), got {r[b].tolist()}")
+    checks = [
+        (~legal.all(-1), "entries must be >= 0 (a pick), {UNRANKED} (UNRANKED) or {IGNORE} (IGNORE)"),
+        (n < 2, "a row needs at least two responses (it has {n})"),
+        (k == 0, "a row needs at least one ranked response (rank 0)"),
+        ((counts[:, : S + 1] != want).any(-1), "ranked entries must be 0..k-1 once each (k = {k})"),
+    ]
+    if not torch.stack([bad for bad, _ in checks]).any():  # the one sync of a valid batch
+        return
+    for bad, message in checks:
+        if bad.any():
+            b = _first_row(bad)
+            text = message.format(UNRANKED=UNRANKED, IGNORE=IGNORE, n=int(n[b]), k=int(k[b]))
+            raise ValueError(f"ranks[{b}]: {text}, got {r[b].tolist()}")
 
 
 def check_scores(name: str, x: Tensor, ranks: Tensor, validate: bool) -> None:
