@@ -1,6 +1,7 @@
 """RCPO inside a `transformers.Trainer`: override `compute_loss`, keep the rest.
 
 python examples/hf_trainer.py --loss mnl --steps 20
+python examples/hf_trainer.py --loss mnl --steps 20 --fused-linear   # no [B*S, L, V] logits
 """
 
 from __future__ import annotations
@@ -33,21 +34,48 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 class RankedTrainer(Trainer):
     """A Trainer whose loss is an RCPO objective on ranked responses."""
 
-    def __init__(self, *args, reference_model, rcpo_loss_name: str = "mallows", beta: float = 0.1, **kwargs):
+    def __init__(
+        self,
+        *args,
+        reference_model,
+        rcpo_loss_name: str = "mallows",
+        beta: float = 0.1,
+        fused_linear: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.reference_model = reference_model
         self.rcpo_loss_name = rcpo_loss_name
         self.beta = beta
+        self.fused_linear = fused_linear
         self.loss_history: list[float] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = rcpo_loss(model, self.reference_model, inputs, loss=self.rcpo_loss_name, beta=self.beta)
+        loss, metrics = rcpo_loss(
+            model,
+            self.reference_model,
+            inputs,
+            loss=self.rcpo_loss_name,
+            beta=self.beta,
+            fused_linear=self.fused_linear,
+        )
         self.loss_history.append(loss.item())
         return (loss, metrics) if return_outputs else loss
 
 
-def train(steps: int = 20, loss: str = "mallows", beta: float = 0.5, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Train on one fixed batch of 8 prompts; returns the loss at every step."""
+def train(
+    steps: int = 20,
+    loss: str = "mallows",
+    beta: float = 0.5,
+    lr: float = 3e-3,
+    seed: int = 0,
+    fused_linear: bool = False,
+) -> list[float]:
+    """Train on one fixed batch of 8 prompts; returns the loss at every step.
+
+    ``fused_linear=True``: log-probs and entropies from the final hidden states and the LM
+    head (`fused_linear_response_stats`), never forming the logits.
+    """
     policy = tiny_llama(seed=seed)
     reference = frozen_copy(policy)
     data = RankedDataset(make_ranked_batch(seed=seed))
@@ -76,6 +104,7 @@ def train(steps: int = 20, loss: str = "mallows", beta: float = 0.5, lr: float =
             reference_model=reference,
             rcpo_loss_name=loss,
             beta=beta,
+            fused_linear=fused_linear,
         )
         trainer.train()
     return trainer.loss_history
@@ -87,8 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", choices=["mallows", "mnl"], default="mallows")
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--fused-linear",
+        action="store_true",
+        help="log-probs and entropies from the final hidden states and the LM head, without the logits",
+    )
     args = parser.parse_args(argv)
-    history = train(args.steps, args.loss, args.beta, args.lr)
+    history = train(args.steps, args.loss, args.beta, args.lr, fused_linear=args.fused_linear)
     print(f"loss {history[0]:.4f} -> {history[-1]:.4f}")
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from rcpo_losses import (
     entropy_dispersion,
+    fused_linear_response_stats,
     mallows_rmj_topk,
     mnl_topk,
     ranking_metrics,
@@ -91,34 +92,49 @@ def make_ranked_batch(
     }
 
 
-def response_stats(model, batch: dict[str, Tensor]):
-    """Sequence log-probs, entropy sums and lengths ``[B, S]`` of every response."""
+def response_stats(model, batch: dict[str, Tensor], *, fused_linear: bool = False):
+    """Sequence log-probs, entropy sums and lengths ``[B, S]`` of every response.
+
+    ``fused_linear=True`` runs the decoder alone (``model.get_decoder()``: the final, normed
+    hidden states) and hands them with the LM head's weight to
+    ``fused_linear_response_stats``, so the ``[B * S, L, V]`` logits are never formed. Same
+    numbers as the default path (which takes ``model(...).logits``) to fp32 rounding.
+    """
     B, S, L = batch["input_ids"].shape
-    logits = model(
-        input_ids=batch["input_ids"].reshape(B * S, L), attention_mask=batch["attention_mask"].reshape(B * S, L)
-    ).logits
-    return response_token_stats(
-        logits,
-        batch["input_ids"].reshape(B * S, L),
-        batch["completion_mask"].reshape(B * S, L),
-        shift_labels=True,
-        num_responses=S,
-    )
+    ids = batch["input_ids"].reshape(B * S, L)
+    attention = batch["attention_mask"].reshape(B * S, L)
+    mask = batch["completion_mask"].reshape(B * S, L)
+    if fused_linear:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+        head = model.get_output_embeddings()
+        return fused_linear_response_stats(
+            hidden, head.weight, ids, mask, shift_labels=True, num_responses=S, bias=head.bias
+        )
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    return response_token_stats(logits, ids, mask, shift_labels=True, num_responses=S)
 
 
 def rcpo_loss(
-    policy, reference, batch: dict[str, Tensor], *, loss: str = "mallows", beta: float = 0.1
+    policy,
+    reference,
+    batch: dict[str, Tensor],
+    *,
+    loss: str = "mallows",
+    beta: float = 0.1,
+    fused_linear: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One RCPO training objective on a batch of ranked responses.
 
     Policy and reference run over the ``B x S`` flattened responses; the per-token
     log-probs (and, for the reference, entropies) come from one pass over the vocabulary
     (`token_logps_and_entropy`); the Mallows weight ``-log phi(x)`` is the reference
-    model's entropy dispersion (appendix D).
+    model's entropy dispersion (appendix D). ``fused_linear=True`` computes both models'
+    statistics from their final hidden states and LM heads without forming the logits
+    (`fused_linear_response_stats`).
     """
-    stats = response_stats(policy, batch)
+    stats = response_stats(policy, batch, fused_linear=fused_linear)
     with torch.no_grad():
-        ref = response_stats(reference, batch)
+        ref = response_stats(reference, batch, fused_linear=fused_linear)
     ranks = batch["ranks"]
     if loss == "mallows":
         vocab_size = reference.config.vocab_size  # the reference is never wrapped (DDP, FSDP)

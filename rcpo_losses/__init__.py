@@ -5,6 +5,7 @@ reductions over prompts. See docs/index.md.
 """
 
 from .dispersion import entropy_dispersion
+from .fused_linear import fused_linear_response_stats, fused_linear_token_stats
 from .mallows import (
     mallows_rmj_discrete,
     mallows_rmj_log_likelihood,
@@ -33,6 +34,8 @@ __all__ = [
     "all_pairs",
     "entropy_dispersion",
     "entropy_dispersion_from_logits",
+    "fused_linear_response_stats",
+    "fused_linear_token_stats",
     "implicit_rewards",
     "mallows_rmj_discrete",
     "mallows_rmj_log_likelihood",

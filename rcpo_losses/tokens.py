@@ -86,21 +86,84 @@ class _Workspace:
         return z, self.a[:n], self.b[:n]
 
 
+def _chunk_stats(
+    z: Tensor, log_p: Tensor, p: Tensor, targets: Tensor, ignore_index: int, entropy: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)`` ``[n]`` of one chunk of logits ``z`` ``[n, V]`` (compute dtype, never written).
+
+    ``log_p`` and ``p`` are ``[n, V]`` scratch buffers of the compute dtype (overwritten). Rows
+    whose target is ``ignore_index`` get ``logp = entropy = 0``; their ``lse`` is whatever
+    their logits give (NaN included) and must not be used. ``entropy=False`` skips the
+    softmax and returns zeros for the entropy. Shared by :class:`_TokenStats` and the fused
+    linear path (:mod:`rcpo_losses.fused_linear`).
+    """
+    V = z.shape[1]
+    valid = targets != ignore_index
+    in_range = valid & (targets >= 0) & (targets < V)
+    safe = _safe_targets(targets, valid, V)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    # torch's fused (log_)softmax kernels: about twice as fast on CPU as logsumexp + exp.
+    torch.log_softmax(z, dim=-1, out=log_p)
+    # lse = z_v - log p_v for every v; at the largest logit, log p_v = -log sum exp(z - max) is in
+    # [-log V, 0], so max(z) - max(log p) has no cancellation (and amax is cheap, unlike argmax).
+    lse = z.amax(dim=-1) - log_p.amax(dim=-1)
+    logp = torch.where(in_range, log_p.gather(1, safe[:, None]).squeeze(1), torch.nan)
+    if entropy:
+        torch.softmax(z, dim=-1, out=p)
+        ent = torch.where(valid, -p.mul_(log_p.clamp_(min=_LOG_P_FLOOR)).sum(-1), zero)
+    else:
+        ent = torch.zeros_like(lse)
+    return torch.where(valid, logp, zero), ent, lse
+
+
+def _chunk_logits_grad(
+    z: Tensor,
+    log_p: Tensor,
+    p: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    lse: Tensor,
+    ent: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+) -> Tensor:
+    """Gradient ``[n, V]`` of ``sum(g_logp * logp + g_ent * entropy)`` w.r.t. one chunk of logits ``z``.
+
+    ``dL/dz_v = g_logp (1{v = t} - p_v) - g_ent p_v (log p_v + H)``, with ``log p = z - lse``
+    from the forward's ``lse`` and ``H`` (``[n]``). Formed in place in ``log_p``'s buffer,
+    which is returned; ``p`` is scratch. ``g_logp``, ``g_ent`` are ``[n]`` in the compute
+    dtype; ``g_ent=None`` drops the entropy term (``ent`` is then not read). Ignored rows get
+    0 even if their logits hold NaN. Shared by :class:`_TokenStats` and the fused linear path.
+    """
+    V = z.shape[1]
+    valid = targets != ignore_index
+    safe = _safe_targets(targets, valid, V)
+    gl = g_logp[:, None]
+    torch.softmax(z, dim=-1, out=p)
+    if g_ent is None:
+        g = torch.mul(p, gl, out=log_p).neg_()  # -p * g_logp
+    else:
+        torch.sub(z, lse[:, None], out=log_p)
+        # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
+        g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[:, None]).mul_(g_ent[:, None]).add_(gl).mul_(p).neg_()
+    g.scatter_add_(1, safe[:, None], gl)  # + g_logp * onehot(t)
+    g.masked_fill_(~valid[:, None], 0)  # ignored rows: 0 even if their logits hold NaN
+    return g
+
+
 class _TokenStats(torch.autograd.Function):
     """Chunked PyTorch path: ``[N, V]`` logits, ``[N]`` targets -> ``[N]`` logp, entropy.
 
     Forward and backward both walk ``chunk`` rows at a time in a :class:`_Workspace` of
-    three fp32 ``chunk x V`` buffers (two when the logits are fp32/fp64 already). Saved
-    for the backward: the logits (no copy) and the per-row ``lse`` and entropy, ``O(N)``.
+    three fp32 ``chunk x V`` buffers (two when the logits are fp32/fp64 already), through
+    :func:`_chunk_stats` and :func:`_chunk_logits_grad`. Saved for the backward: the
+    logits (no copy) and the per-row ``lse`` and entropy, ``O(N)``.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int, chunk: int) -> tuple[Tensor, Tensor]:
         N, V = logits.shape
         dtype = _compute_dtype(logits.dtype)
-        valid = targets != ignore_index
-        in_range = valid & (targets >= 0) & (targets < V)
-        safe = _safe_targets(targets, valid, V)
         logp = torch.empty(N, dtype=dtype, device=logits.device)
         ent = torch.empty(N, dtype=dtype, device=logits.device)
         lse = torch.empty(N, dtype=dtype, device=logits.device)
@@ -108,17 +171,7 @@ class _TokenStats(torch.autograd.Function):
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             z, log_p, p = work.rows(logits, a, b)
-            # torch's fused (log_)softmax kernels: about twice as fast on CPU as logsumexp + exp.
-            torch.log_softmax(z, dim=-1, out=log_p)
-            # lse = z_v - log p_v for every v; at the largest logit, log p_v = -log sum exp(z - max) is in
-            # [-log V, 0], so max(z) - max(log p) has no cancellation (and amax is cheap, unlike argmax).
-            lse[a:b] = z.amax(dim=-1) - log_p.amax(dim=-1)
-            logp[a:b] = torch.where(in_range[a:b], log_p.gather(1, safe[a:b, None]).squeeze(1), torch.nan)
-            torch.softmax(z, dim=-1, out=p)
-            ent[a:b] = -p.mul_(log_p.clamp_(min=_LOG_P_FLOOR)).sum(-1)
-        zero = torch.zeros((), dtype=dtype, device=logits.device)
-        logp = torch.where(valid, logp, zero)
-        ent = torch.where(valid, ent, zero)
+            logp[a:b], ent[a:b], lse[a:b] = _chunk_stats(z, log_p, p, targets[a:b], ignore_index)
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.ignore_index = ignore_index
         ctx.chunk = chunk
@@ -130,7 +183,6 @@ class _TokenStats(torch.autograd.Function):
         N, V = logits.shape
         dtype = lse.dtype
         valid = targets != ctx.ignore_index
-        safe = _safe_targets(targets, valid, V)
         zero = torch.zeros((), dtype=dtype, device=logits.device)
         g_logp = torch.where(valid, g_logp.to(dtype), zero)
         g_ent = torch.where(valid, g_ent.to(dtype), zero)
@@ -138,15 +190,10 @@ class _TokenStats(torch.autograd.Function):
         work = _Workspace(logits, ctx.chunk, dtype)
         for a in range(0, N, ctx.chunk):
             b = min(a + ctx.chunk, N)
-            gl, gh = g_logp[a:b, None], g_ent[a:b, None]
             z, log_p, p = work.rows(logits, a, b)
-            torch.softmax(z, dim=-1, out=p)
-            torch.sub(z, lse[a:b, None], out=log_p)
-            # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
-            g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[a:b, None]).mul_(gh).add_(gl).mul_(p).neg_()
-            g.scatter_add_(1, safe[a:b, None], gl)  # + g_logp * onehot(t)
-            g.masked_fill_(~valid[a:b, None], 0)  # ignored rows: 0 even if their logits hold NaN
-            grad[a:b] = g
+            grad[a:b] = _chunk_logits_grad(
+                z, log_p, p, targets[a:b], ctx.ignore_index, lse[a:b], ent[a:b], g_logp[a:b], g_ent[a:b]
+            )
         return grad, None, None, None
 
 
@@ -175,9 +222,13 @@ def _check_token_inputs(logits: Tensor, targets: Tensor, ignore_index: int, vali
         )
     if logits.device != targets.device:
         raise ValueError(f"targets: on {targets.device}, logits on {logits.device}")
+    _check_target_ids(targets, logits.shape[-1], ignore_index, validate)
+
+
+def _check_target_ids(targets: Tensor, V: int, ignore_index: int, validate: bool) -> None:
+    """Every target is ``ignore_index`` or a token id in ``[0, V)`` (a device sync; skipped unvalidated)."""
     if not should_sync(validate) or targets.numel() == 0:
         return
-    V = logits.shape[-1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -324,13 +375,23 @@ def response_token_stats(
     logp, ent = token_logps_and_entropy(
         logits, targets, ignore_index, chunk_size=chunk_size, backend=backend, validate=validate
     )
+    return _response_sums(logp, ent, valid, num_responses, "logits", logits.shape)
+
+
+def _response_sums(
+    logp: Tensor, ent: Tensor, valid: Tensor, num_responses: int | None, name: str, shape: torch.Size
+) -> ResponseTokenStats:
+    """Per-response sums of per-token ``(*, T)`` log-probs and entropies, and the lengths.
+
+    ``name`` and ``shape`` (the input the tokens came from) only word the error message.
+    """
     # Ignored positions hold exactly 0 (with 0 gradient), so plain sums are the masked sums.
     out = ResponseTokenStats(logp.sum(-1), ent.sum(-1), valid.sum(-1))
     if num_responses is not None:
         if out.lengths.dim() != 1 or out.lengths.shape[0] % num_responses:
             raise ValueError(
-                f"num_responses: {num_responses} does not divide the flat leading dim of logits "
-                f"{tuple(logits.shape)} into (B, S)"
+                f"num_responses: {num_responses} does not divide the flat leading dim of {name} "
+                f"{tuple(shape)} into (B, S)"
             )
         out = ResponseTokenStats(*(x.reshape(-1, num_responses) for x in out))
     return out

@@ -1,9 +1,10 @@
 """Peak memory of the chunked PyTorch path of ``token_logps_and_entropy`` on ``[4096, 32000]`` fp32.
 
-Each measurement runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc
-then serves every block above 64 KiB with its own mmap and returns it on free, so the
-resident set tracks live tensors (the CPU has no caching allocator). The peak (``VmHWM``)
-is reset right after the logits are allocated, so it measures forward + backward only.
+Each measurement runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``
+(``tests/peak_memory.py``): glibc then serves every block above 64 KiB with its own mmap
+and returns it on free, so the resident set tracks live tensors (the CPU has no caching
+allocator). The peak (``VmHWM``) is reset right after the logits are allocated, so it
+measures forward + backward only.
 
 Measured on the 2-core dev machine (torch 2.13 CPU), one copy of the logits = 500 MiB,
 peak beyond the inputs and the gradient the backward must return: chunked path 0.035
@@ -13,71 +14,46 @@ copies (~18 MiB of chunk temporaries); naive ``log_softmax`` / ``softmax * log_s
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+
+from . import peak_memory
 
 N, V = 4096, 32000
 COPY = N * V * 4  # bytes of one fp32 copy of the logits
 
-_SCRIPT = textwrap.dedent(
-    """
-    import json, resource, sys
-    import torch
-    from rcpo_losses import token_logps_and_entropy
+_SCRIPT = """
+import torch
+from rcpo_losses import token_logps_and_entropy
 
-    torch.set_num_threads(2)
-    N, V, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(2)
+N, V, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
-    def rss(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+def naive(z, t):
+    log_p = torch.log_softmax(z.float(), -1)
+    logp = log_p.gather(-1, t[:, None]).squeeze(-1)
+    ent = -(torch.softmax(z.float(), -1) * log_p).sum(-1)
+    return logp, ent
 
-    def naive(z, t):
-        log_p = torch.log_softmax(z.float(), -1)
-        logp = log_p.gather(-1, t[:, None]).squeeze(-1)
-        ent = -(torch.softmax(z.float(), -1) * log_p).sum(-1)
-        return logp, ent
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, V, generator=g).requires_grad_()
-    t = torch.randint(0, V, (N,), generator=g)
-    base = rss("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak (VmHWM) to the current resident set
-        reset = True
-    except OSError:
-        reset = False
-    if mode == "chunked":
-        logp, ent = token_logps_and_entropy(x, t, backend="torch")
-    else:
-        logp, ent = naive(x, t)
-    (logp.sum() + ent.sum()).backward()
-    peak = rss("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base": base, "peak": peak, "grad": x.grad.numel() * x.grad.element_size()}))
-    """
-)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(N, V, generator=g).requires_grad_()
+t = torch.randint(0, V, (N,), generator=g)
+base = start()
+if mode == "chunked":
+    logp, ent = token_logps_and_entropy(x, t, backend="torch")
+else:
+    logp, ent = naive(x, t)
+(logp.sum() + ent.sum()).backward()
+print(json.dumps({"base": base, "peak": peak(), "grad": x.grad.numel() * x.grad.element_size()}))
+"""
 
 
 def _measure(mode: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(N), str(V), mode], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = peak_memory.run(_SCRIPT, N, V, mode)
     r["extra"] = r["peak"] - r["base"] - r["grad"]  # beyond the inputs and the gradient the backward returns
     return r
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and relies on glibc malloc")
+@pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc and relies on glibc malloc")
 def test_chunked_path_allocates_a_small_fraction_of_the_logits():
     chunked = _measure("chunked")
     assert chunked["grad"] == COPY

@@ -1,0 +1,177 @@
+"""LM head + per-token log-prob and entropy from bf16 hidden states: unfused, naive, compiled, fused.
+
+Run (not collected by the normal test run, which only looks in tests/):
+
+    python -m pytest benchmarks/bench_fused_linear.py --benchmark-json=out.json
+
+Sizes ``(tokens N, hidden H, vocabulary V)``: ``full`` = N in {4096, 16384}, H = 4096,
+V = 128256 (Llama-3), the default on CUDA; ``small`` = N in {1024, 4096}, H = 512,
+V = 32000, the default without CUDA (the full sizes need about 40 GB for the naive path
+and 20 to 70 TFLOP per step, minutes on a small CPU). ``RCPO_BENCH_FUSED`` (``full`` or
+``small``) overrides the default.
+
+Implementations (``impl``), all from bf16 ``hidden [N, H]`` and ``weight [V, H]``:
+
+- ``naive``: ``hidden @ weight.T``, then ``log_softmax`` in fp32, ``gather``, ``-(softmax * log_softmax).sum``;
+- ``naive.compile``: the same under ``torch.compile(fullgraph=True, dynamic=False)``;
+- ``unfused``: ``hidden @ weight.T``, then :func:`rcpo_losses.token_logps_and_entropy`
+  (the Triton kernel on CUDA, the chunked PyTorch path on the CPU);
+- ``fused``: :func:`rcpo_losses.fused_linear_token_stats` (default chunk; Triton chunk
+  math on CUDA, PyTorch chunk math on the CPU);
+- ``fused.torch``: the same with ``backend="torch"`` (CUDA only: cuBLAS + the PyTorch chunk math).
+
+Modes: ``fwd`` under ``torch.no_grad()`` (the reference model) and ``fwd_bwd`` (the policy:
+forward, then the gradients w.r.t. ``hidden`` and ``weight`` of ``logp.sum() + entropy.sum()``
+via ``torch.autograd.grad``). All targets are valid.
+
+``extra_info`` per benchmark: ``peak_mb`` and ``peak_copies``, the peak memory above the
+inputs during one call, in MB and in copies of the bf16 logits ``[N, V]`` (``fwd_bwd``
+includes the gradients it returns, ``(N + V) H`` bf16 elements); on CUDA
+``torch.cuda.max_memory_allocated``, on the CPU the peak resident set of one call in a fresh
+subprocess (``tests/peak_memory.py``: ``MALLOC_MMAP_THRESHOLD_=65536``, after one warm-up
+call). ``tflops``: the matmul work of the unfused computation (``2 N H V`` for ``fwd``,
+``6 N H V`` for ``fwd_bwd``) per second, the same count for every implementation so that it
+compares like the time does (the fused backward does one more matmul, ``8 N H V`` in all).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZE = os.environ.get("RCPO_BENCH_FUSED", "full" if DEVICE == "cuda" else "small")
+if SIZE == "full":
+    SHAPES = ((4096, 4096, 128256), (16384, 4096, 128256))
+elif SIZE == "small":
+    SHAPES = ((1024, 512, 32000), (4096, 512, 32000))
+else:
+    raise ValueError(f"RCPO_BENCH_FUSED: expected 'full' or 'small', got {SIZE!r}")
+ROUNDS = 10 if DEVICE == "cuda" else 3
+IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch")
+DTYPE = torch.bfloat16
+
+for name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, name):
+        setattr(torch._dynamo.config, name, 64)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """The obvious version: bf16 logits, then several fp32 ``[N, V]`` tensors alive at once."""
+    z = (hidden @ weight.T).float()
+    log_p = torch.log_softmax(z, dim=-1)
+    logp = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    ent = -(torch.softmax(z, dim=-1) * log_p).sum(-1)
+    return logp, ent
+
+
+_naive_compiled = torch.compile(naive, fullgraph=True, dynamic=False)
+
+
+def _impl(name: str):
+    if name == "naive":
+        return naive
+    if name == "naive.compile":
+        return _naive_compiled
+    if name == "unfused":
+        return lambda h, w, t: token_logps_and_entropy(h @ w.T, t, validate=False)
+    backend = "torch" if name == "fused.torch" else "auto"
+    return lambda h, w, t: fused_linear_token_stats(h, w, t, backend=backend, validate=False)
+
+
+def _step(fn, mode: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
+    if mode == "fwd":
+        with torch.no_grad():
+            return fn(h, w, t)
+    logp, ent = fn(h, w, t)
+    return torch.autograd.grad(logp.sum() + ent.sum(), (h, w))
+
+
+def make_inputs(mode: str, N: int, H: int, V: int):
+    g = torch.Generator().manual_seed(N + H + V)
+    grad = mode == "fwd_bwd"
+    h = torch.randn(N, H, generator=g).to(DEVICE, DTYPE).requires_grad_(grad)
+    w = (torch.randn(V, H, generator=g) * (2 / H**0.5)).to(DEVICE, DTYPE).requires_grad_(grad)
+    t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    return h, w, t
+
+
+def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, start, peak) -> int:
+    """In this process (a fresh subprocess, see below): peak resident set above the inputs, one call."""
+    h, w, t = make_inputs(mode, N, H, V)
+    fn = _impl(impl)
+    _step(fn, mode, h, w, t)  # warm-up: compilation, the custom ops' one-off imports
+    base = start()
+    out = _step(fn, mode, h, w, t)
+    del out
+    return peak() - base
+
+
+_CPU_SCRIPT = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("bench_fused_linear", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+print(json.dumps(m.cpu_peak_bytes(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), start, peak)))
+"""
+
+
+def peak_bytes(run, mode: str, impl: str, N: int, H: int, V: int) -> int | None:
+    """Peak memory above the inputs during one call."""
+    if DEVICE == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = run()
+        sync()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    if not sys.platform.startswith("linux"):
+        return None
+    path = Path(__file__).resolve().parent.parent / "tests" / "peak_memory.py"
+    spec = importlib.util.spec_from_file_location("peak_memory", path)
+    peak_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak_memory)
+    threads = torch.get_num_threads()
+    return peak_memory.run(_CPU_SCRIPT, __file__, mode, impl, N, H, V, timeout=1200, threads=threads)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ("fwd", "fwd_bwd"))
+def test_fused_linear(benchmark, mode, impl, shape):
+    if impl == "fused.torch" and DEVICE != "cuda":
+        pytest.skip("on the CPU, fused already runs the PyTorch chunk math")
+    N, H, V = shape
+    h, w, t = make_inputs(mode, N, H, V)
+    fn = _impl(impl)
+
+    def run():
+        out = _step(fn, mode, h, w, t)
+        sync()
+        return out
+
+    run()  # warm-up: compilation, autotuning, allocator
+    peak = peak_bytes(run, mode, impl, N, H, V)
+    benchmark.group = f"fused linear {mode} N={N} H={H} V={V} bf16"
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    flops = 2 * N * H * V * (1 if mode == "fwd" else 3)
+    benchmark.extra_info.update(
+        impl=impl,
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        tflops=flops / benchmark.stats.stats.median / 1e12,
+    )
+    if peak is not None:
+        benchmark.extra_info.update(peak_mb=peak / 1e6, peak_copies=peak / (N * V * 2))
