@@ -26,13 +26,16 @@ run 10 to 100 times slower, which measures the machine, not the code.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
+from common import DEVICE, measure_copy_gbps, sync
+
 from rcpo_losses import IGNORE, UNRANKED, mallows_rmj_topk, mnl_topk
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRID = os.environ.get("RCPO_BENCH_GRID", "full" if DEVICE == "cuda" else "small")
 if GRID == "full":
     BATCH, SLOTS = (112, 4096, 262144), (2, 5, 8, 16)
@@ -48,15 +51,6 @@ LOSSES = {
         p, q, ranks, beta=0.1, neg_log_phi=w, backend=backend, validate=False
     ),
 }
-
-for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per (loss, B, S)
-    if hasattr(torch._dynamo.config, name):
-        setattr(torch._dynamo.config, name, 64)
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def random_ranks(B: int, S: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,21 +73,7 @@ def make_inputs(B: int, S: int):
 
 @pytest.fixture(scope="module")
 def copy_gbps() -> float:
-    """Bandwidth of a device-to-device copy (bytes read + written per second), in GB/s."""
-    n = (256 if DEVICE == "cuda" else 32) * 2**20 // 4
-    src = torch.randn(n, device=DEVICE)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync()
-    import time
-
-    reps = 20
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    sync()
-    return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - t0) / 1e9
+    return measure_copy_gbps(torch.float32, 256 if DEVICE == "cuda" else 32)
 
 
 def test_copy_baseline(benchmark, copy_gbps):

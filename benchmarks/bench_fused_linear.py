@@ -44,9 +44,11 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
+from common import DEVICE, sync
+
 from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZE = os.environ.get("RCPO_BENCH_FUSED", "full" if DEVICE == "cuda" else "small")
 if SIZE == "full":
     SHAPES = ((4096, 4096, 128256), (16384, 4096, 128256))
@@ -57,15 +59,6 @@ else:
 ROUNDS = 10 if DEVICE == "cuda" else 3
 IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch")
 DTYPE = torch.bfloat16
-
-for name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, name):
-        setattr(torch._dynamo.config, name, 64)
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):

@@ -40,14 +40,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
+from common import DEVICE, measure_copy_gbps, sync
+
 from rcpo_losses import token_logps_and_entropy
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZE = os.environ.get("RCPO_BENCH_TOKENS", "full" if DEVICE == "cuda" else "small")
 if SIZE == "full":
     SHAPES = ((4096, 32000), (16384, 128256))
@@ -58,15 +59,6 @@ else:
 ROUNDS = 10 if DEVICE == "cuda" else 5
 IMPLS = ("naive", "naive.compile", "chunked", "triton")
 DTYPE = torch.bfloat16
-
-for name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, name):
-        setattr(torch._dynamo.config, name, 64)
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
@@ -158,19 +150,7 @@ def peak_bytes(run, mode: str, impl: str, N: int, V: int) -> int | None:
 
 @pytest.fixture(scope="module")
 def copy_gbps() -> float:
-    """Bandwidth of a device-to-device copy (bytes read + written per second), in GB/s."""
-    n = (512 if DEVICE == "cuda" else 64) * 2**20 // 2
-    src = torch.randn(n, device=DEVICE, dtype=DTYPE)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync()
-    reps = 20
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    sync()
-    return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - t0) / 1e9
+    return measure_copy_gbps(DTYPE, 512 if DEVICE == "cuda" else 64)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
