@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import os
 import sys
 from pathlib import Path
 
@@ -22,12 +22,6 @@ STEPS = 3
 LR = 1e-2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(model, reference, batch, loss_name):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for _ in range(STEPS):
@@ -37,10 +31,12 @@ def train(model, reference, batch, loss_name):
         optimizer.step()
 
 
-def worker(rank: int, world: int, port: int, loss_name: str, out: str) -> None:
+def worker(rank: int, world: int, store: str, loss_name: str, out: str) -> None:
     sys.path.insert(0, EXAMPLES)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not TCP: no server thread on rank 0 that the other rank may still be
+    # talking to when rank 0 exits (that race aborted a worker now and then).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         policy = tiny_llama(seed=0)
         reference = frozen_copy(policy)
@@ -50,14 +46,19 @@ def worker(rank: int, world: int, port: int, loss_name: str, out: str) -> None:
         train(model, reference, shard, loss_name)
         if rank == 0:
             torch.save(policy.state_dict(), out)
+        dist.barrier()  # no rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: now and then a gloo or c10d thread still joinable at exit made
+    # a worker abort ("terminate called without an active exception") after its work was done.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("loss_name", ["mallows", "mnl"])
 def test_ddp_matches_single_process(loss_name, tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(worker, args=(2, free_port(), loss_name, out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), loss_name, out), nprocs=2, join=True)
     ddp_state = torch.load(out)
 
     policy = tiny_llama(seed=0)
