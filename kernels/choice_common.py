@@ -95,3 +95,14 @@ def device_guard(x: torch.Tensor):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def launch_rows(kernel, rewards: torch.Tensor, *args) -> None:
+    """Run ``kernel[grid](*args, ROWS, BLOCK_S, num_warps)`` over the row blocks of ``rewards [B, S]``."""
+    B, S = rewards.shape
+    check_block(S)
+    if B == 0:
+        return
+    rows, block_s, num_warps = block_config(B, S)
+    with device_guard(rewards):
+        kernel[(triton.cdiv(B, rows),)](*args, ROWS=rows, BLOCK_S=block_s, num_warps=num_warps)

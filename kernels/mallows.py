@@ -35,9 +35,7 @@ import triton.language as tl
 
 from .choice_common import (
     UNRANKED,
-    block_config,
-    check_block,
-    device_guard,
+    launch_rows,
     load_row_scalars,
     load_tile,
     store_tile,
@@ -145,26 +143,20 @@ def mallows_rmj_topk_bwd_kernel(
 def mallows_rmj_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Per-row ``w_b * s_b`` ``[B]`` of fp32/fp64 ``rewards [B, S]``, integer ``ranks``, ``w [B]``."""
     B, S = rewards.shape
-    check_block(S)
     loss = torch.empty(B, dtype=rewards.dtype, device=rewards.device)
-    if B == 0:
-        return loss
-    rows, block_s, num_warps = block_config(B, S)
-    with device_guard(rewards):
-        mallows_rmj_topk_fwd_kernel[(triton.cdiv(B, rows),)](
-            rewards,
-            ranks,
-            w,
-            loss,
-            B,
-            S,
-            *rewards.stride(),
-            *ranks.stride(),
-            w.stride(0),
-            ROWS=rows,
-            BLOCK_S=block_s,
-            num_warps=num_warps,
-        )
+    launch_rows(
+        mallows_rmj_topk_fwd_kernel,
+        rewards,
+        rewards,
+        ranks,
+        w,
+        loss,
+        B,
+        S,
+        *rewards.stride(),
+        *ranks.stride(),
+        w.stride(0),
+    )
     return loss
 
 
@@ -173,28 +165,22 @@ def mallows_rmj_topk_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``([B, S], [B])`` of ``sum_b grad_out[b] * w_b * s_b`` w.r.t. rewards and ``w``."""
     B, S = rewards.shape
-    check_block(S)
     grad_r = torch.empty((B, S), dtype=rewards.dtype, device=rewards.device)
     grad_w = torch.empty(B, dtype=rewards.dtype, device=rewards.device)
-    if B == 0:
-        return grad_r, grad_w
-    rows, block_s, num_warps = block_config(B, S)
-    with device_guard(rewards):
-        mallows_rmj_topk_bwd_kernel[(triton.cdiv(B, rows),)](
-            grad_out,
-            rewards,
-            ranks,
-            w,
-            grad_r,
-            grad_w,
-            B,
-            S,
-            grad_out.stride(0),
-            *rewards.stride(),
-            *ranks.stride(),
-            w.stride(0),
-            ROWS=rows,
-            BLOCK_S=block_s,
-            num_warps=num_warps,
-        )
+    launch_rows(
+        mallows_rmj_topk_bwd_kernel,
+        rewards,
+        grad_out,
+        rewards,
+        ranks,
+        w,
+        grad_r,
+        grad_w,
+        B,
+        S,
+        grad_out.stride(0),
+        *rewards.stride(),
+        *ranks.stride(),
+        w.stride(0),
+    )
     return grad_r, grad_w

@@ -28,9 +28,7 @@ import triton.language as tl
 
 from .choice_common import (
     UNRANKED,
-    block_config,
-    check_block,
-    device_guard,
+    launch_rows,
     load_row_scalars,
     load_tile,
     store_tile,
@@ -126,48 +124,36 @@ def mnl_topk_bwd_kernel(
 def mnl_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """Per-row MNL top-k NLL ``[B]`` of fp32/fp64 ``rewards [B, S]`` and integer ``ranks [B, S]``."""
     B, S = rewards.shape
-    check_block(S)
     loss = torch.empty(B, dtype=rewards.dtype, device=rewards.device)
-    if B == 0:
-        return loss
-    rows, block_s, num_warps = block_config(B, S)
-    with device_guard(rewards):
-        mnl_topk_fwd_kernel[(triton.cdiv(B, rows),)](
-            rewards,
-            ranks,
-            loss,
-            B,
-            S,
-            *rewards.stride(),
-            *ranks.stride(),
-            ROWS=rows,
-            BLOCK_S=block_s,
-            num_warps=num_warps,
-        )
+    launch_rows(
+        mnl_topk_fwd_kernel,
+        rewards,
+        rewards,
+        ranks,
+        loss,
+        B,
+        S,
+        *rewards.stride(),
+        *ranks.stride(),
+    )
     return loss
 
 
 def mnl_topk_bwd(grad_out: torch.Tensor, rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """Gradient ``[B, S]`` (contiguous, rewards' dtype) of ``sum_b grad_out[b] * loss_b``."""
     B, S = rewards.shape
-    check_block(S)
     grad = torch.empty((B, S), dtype=rewards.dtype, device=rewards.device)
-    if B == 0:
-        return grad
-    rows, block_s, num_warps = block_config(B, S)
-    with device_guard(rewards):
-        mnl_topk_bwd_kernel[(triton.cdiv(B, rows),)](
-            grad_out,
-            rewards,
-            ranks,
-            grad,
-            B,
-            S,
-            grad_out.stride(0),
-            *rewards.stride(),
-            *ranks.stride(),
-            ROWS=rows,
-            BLOCK_S=block_s,
-            num_warps=num_warps,
-        )
+    launch_rows(
+        mnl_topk_bwd_kernel,
+        rewards,
+        grad_out,
+        rewards,
+        ranks,
+        grad,
+        B,
+        S,
+        grad_out.stride(0),
+        *rewards.stride(),
+        *ranks.stride(),
+    )
     return grad
