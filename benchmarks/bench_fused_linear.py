@@ -36,16 +36,14 @@ compares like the time does (the fused backward does one more matmul, ``8 N H V`
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
-from common import DEVICE, sync
+from common import DEVICE, peak_bytes, sync
 
 from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
 
@@ -112,35 +110,6 @@ def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, start, peak) ->
     return peak() - base
 
 
-_CPU_SCRIPT = """
-import importlib.util
-spec = importlib.util.spec_from_file_location("bench_fused_linear", sys.argv[1])
-m = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(m)
-print(json.dumps(m.cpu_peak_bytes(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), start, peak)))
-"""
-
-
-def peak_bytes(run, mode: str, impl: str, N: int, H: int, V: int) -> int | None:
-    """Peak memory above the inputs during one call."""
-    if DEVICE == "cuda":
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = run()
-        sync()
-        del out
-        return torch.cuda.max_memory_allocated() - base
-    if not sys.platform.startswith("linux"):
-        return None
-    path = Path(__file__).resolve().parent.parent / "tests" / "peak_memory.py"
-    spec = importlib.util.spec_from_file_location("peak_memory", path)
-    peak_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peak_memory)
-    threads = torch.get_num_threads()
-    return peak_memory.run(_CPU_SCRIPT, __file__, mode, impl, N, H, V, timeout=1200, threads=threads)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ("fwd", "fwd_bwd"))
@@ -157,7 +126,7 @@ def test_fused_linear(benchmark, mode, impl, shape):
         return out
 
     run()  # warm-up: compilation, autotuning, allocator
-    peak = peak_bytes(run, mode, impl, N, H, V)
+    peak = peak_bytes(run, __file__, mode, impl, N, H, V)
     benchmark.group = f"fused linear {mode} N={N} H={H} V={V} bf16"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     flops = 2 * N * H * V * (1 if mode == "fwd" else 3)

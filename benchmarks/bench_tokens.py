@@ -36,16 +36,14 @@ gradient: ``3 N V`` bf16 elements), ``gbps`` the achieved rate for those bytes a
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
-from common import DEVICE, measure_copy_gbps, sync
+from common import DEVICE, measure_copy_gbps, peak_bytes, sync
 
 from rcpo_losses import token_logps_and_entropy
 
@@ -91,14 +89,6 @@ def _step(fn, mode: str, x: torch.Tensor, t: torch.Tensor):
     return torch.autograd.grad(logp.sum() + ent.sum(), x)
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def make_inputs(mode: str, N: int, V: int):
     g = torch.Generator().manual_seed(N + V)
     x = (torch.randn(N, V, generator=g) * 2).to(DEVICE, DTYPE).requires_grad_(mode == "fwd_bwd")
@@ -106,46 +96,16 @@ def make_inputs(mode: str, N: int, V: int):
     return x, t
 
 
-def cpu_peak_bytes(mode: str, impl: str, N: int, V: int) -> int | None:
-    """In this process (called by the subprocess below): peak resident set above the inputs, one call."""
+def cpu_peak_bytes(mode: str, impl: str, N: int, V: int, start, peak) -> int:
+    """In a fresh subprocess (``common.peak_bytes``): peak resident set above the inputs, one call."""
     x, t = make_inputs(mode, N, V)
     fn = _impl(impl)
     if impl == "naive.compile":
         _step(fn, mode, x, t)  # compile first: the compiler's own memory is not the op's
-    try:
-        base = _status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-    except OSError:
-        return None
+    base = start()
     out = _step(fn, mode, x, t)
     del out
-    return _status("VmHWM") - base
-
-
-def peak_bytes(run, mode: str, impl: str, N: int, V: int) -> int | None:
-    """Peak memory above the inputs during one call."""
-    if DEVICE == "cuda":
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = run()
-        sync()
-        del out
-        return torch.cuda.max_memory_allocated() - base
-    if not sys.platform.startswith("linux"):
-        return None
-    code = (
-        "import importlib.util, json, sys; "
-        f"spec = importlib.util.spec_from_file_location('bench_tokens', {__file__!r}); "
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        f"print(json.dumps(m.cpu_peak_bytes({mode!r}, {impl!r}, {N}, {V})))"
-    )
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return peak() - base
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +129,7 @@ def test_token_stats(benchmark, copy_gbps, mode, impl, shape):
         return out
 
     run()  # warm-up: compilation, autotuning, allocator
-    peak = peak_bytes(run, mode, impl, N, V)
+    peak = peak_bytes(run, __file__, mode, impl, N, V)
     benchmark.group = f"token stats {mode} {N}x{V} bf16"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     copy_bytes = N * V * x.element_size()
