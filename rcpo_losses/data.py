@@ -1,0 +1,251 @@
+"""From rows of ranked completions to the ``[B, S, L]`` tensors and ``[B, S]`` ranks the losses read.
+
+A row is a prompt, its completions and the feedback on them::
+
+    {"prompt": "2 + 2 =", "completions": [" 4", " 5", " four"], "scores": [1.0, 0.0, 0.5]}
+    {"prompt": [{"role": "user", "content": "Hi"}],                     # conversational
+     "completions": [[{"role": "assistant", "content": "Hello!"}], "Hey."],
+     "ranking": [1]}                                                    # completion 1 best; a top-1 list
+
+:class:`RankedPreferenceCollator` tokenizes a batch of rows; :func:`row_ranks` is its
+feedback-to-ranks step alone (for instance, to filter a dataset before training). Only
+torch is needed: the tokenizer is any object with the Hugging Face tokenizer interface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ranks import IGNORE, UNRANKED
+
+TIES = ("error", "prefix")
+
+
+def _where(row: int | None) -> str:
+    return "row" if row is None else f"row {row}"
+
+
+def row_ranks(
+    row: Mapping[str, Any], *, k: int | None = None, ties: str = "error", index: int | None = None
+) -> list[int]:
+    """The rank of each completion of one row: ``0 .. k_b - 1`` for its top-k list, ``UNRANKED`` otherwise.
+
+    Feedback is ``row["scores"]`` (one number per completion, higher is better) or
+    ``row["ranking"]`` (completion indices, best first; a prefix such as a top-2 list is
+    fine). ``k`` caps the list length (``None``: as long as the feedback allows).
+
+    Tied scores have no order, so they are never ordered by position. ``ties`` says what
+    to do when a tie decides the top-k list (two tied completions both in it, or one in it
+    and one just outside); ties among completions left out of the list never matter:
+
+    - ``"error"`` (default): raise ``ValueError`` naming the row.
+    - ``"prefix"``: keep only the strictly ordered prefix of the list, the completions
+      that beat everything after them. ``scores = [3, 2, 2, 1]`` gives the top-1 list
+      ``[0, UNRANKED, UNRANKED, UNRANKED]``, since completions 1 and 2 tie for second. If the
+      best score itself is tied there is nothing to rank, and it raises (filter such rows out
+      of the dataset with this function, see docs/integration.md).
+
+    Raises ``ValueError`` naming the row (``index``) for fewer than two completions,
+    scores of the wrong length or not finite, a ranking that is not a list of distinct
+    completion indices, both or neither of ``scores`` and ``ranking``.
+    """
+    where = _where(index)
+    if ties not in TIES:
+        raise ValueError(f"ties: expected one of {TIES}, got {ties!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k: expected a positive int or None, got {k!r}")
+    completions = row.get("completions")
+    if not isinstance(completions, Sequence) or isinstance(completions, str) or len(completions) < 2:
+        got = (
+            len(completions) if isinstance(completions, Sequence) and not isinstance(completions, str) else completions
+        )
+        raise ValueError(f"{where}: 'completions' must be a list of at least 2 completions, got {got!r}")
+    n = len(completions)
+    scores, ranking = row.get("scores"), row.get("ranking")
+    if (scores is None) == (ranking is None):
+        raise ValueError(f"{where}: give exactly one of 'scores' and 'ranking'")
+    kk = n if k is None else min(k, n)
+    if ranking is not None:
+        ranking = list(ranking)
+        bad = not ranking or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in ranking)
+        if bad or len(set(ranking)) != len(ranking):
+            raise ValueError(
+                f"{where}: 'ranking' must list distinct completion indices in [0, {n}), best first, got {ranking}"
+            )
+        order = ranking[:kk]
+    else:
+        scores = [float(s) for s in scores]
+        if len(scores) != n:
+            raise ValueError(f"{where}: {len(scores)} scores for {n} completions")
+        if not all(math.isfinite(s) for s in scores):
+            raise ValueError(f"{where}: scores must be finite, got {scores}")
+        # Sort by score only; position never decides an order that is kept (ties below are checked).
+        order = sorted(range(n), key=lambda j: -scores[j])
+        tied = [i for i in range(min(kk, n - 1)) if scores[order[i]] == scores[order[i + 1]]]
+        if tied:
+            i = tied[0]
+            if ties == "error":
+                group = [j for j in range(n) if scores[j] == scores[order[i]]]
+                raise ValueError(
+                    f"{where}: completions {group} tie at score {scores[order[i]]} and the tie decides the "
+                    f"top-{kk} list; pass ties='prefix' to keep only the strictly ordered part"
+                )
+            if i == 0:
+                group = [j for j in range(n) if scores[j] == scores[order[0]]]
+                raise ValueError(
+                    f"{where}: the best score {scores[order[0]]} is shared by completions {group}, so "
+                    "ties='prefix' leaves nothing to rank; filter such rows out of the dataset"
+                )
+            kk = i
+        order = order[:kk]
+    ranks = [UNRANKED] * n
+    for position, j in enumerate(order):
+        ranks[j] = position
+    return ranks
+
+
+def _is_conversational(x: Any) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, str) and all(isinstance(m, Mapping) for m in x)
+
+
+class RankedPreferenceCollator:
+    """Tokenize rows of a prompt and its ranked completions into ``[B, S, L]`` tensors.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``tokenizer(text, add_special_tokens=...)``,
+            ``pad_token_id``, ``eos_token_id``, and ``apply_chat_template`` for conversational rows).
+        max_length: most tokens of prompt plus completion; longer completions are cut at
+            the end (their start is kept). A prompt that leaves no room for one completion
+            token raises ``ValueError``: the prompt is never cut silently.
+        max_prompt_length: cut prompts longer than this to their last ``max_prompt_length``
+            tokens (the end, next to the completion), as TRL does; only when asked.
+        k: longest top-k list kept (``None``: all that the feedback orders).
+        ties: what to do about tied scores, see :func:`row_ranks` (``"error"`` or ``"prefix"``).
+
+    Rows: ``{"prompt", "completions", "scores" | "ranking"}``. A plain-text prompt is
+    tokenized with the tokenizer's special tokens (BOS), each completion without them,
+    followed by EOS. A conversational prompt (a list of ``{"role", "content"}`` messages)
+    goes through the chat template with the generation prompt; each completion (a list of
+    assistant messages, or a string: one assistant message) is the rest of the template
+    applied to prompt plus completion. Rows may have different numbers of completions.
+
+    Returns a dict of:
+        - ``input_ids``: int64 ``(B, S, L)``, right-padded with ``pad_token_id`` (EOS, else 0).
+        - ``attention_mask``: int64 ``(B, S, L)``.
+        - ``completion_mask``: bool ``(B, S, L)``, True on completion tokens.
+        - ``ranks``: int64 ``(B, S)``: ``0..k_b-1``, ``UNRANKED``, and ``IGNORE`` for the slots
+          past a row's completions. Those slots hold the prompt alone (attended, so a model can
+          run on them) with an empty completion mask.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        k: int | None = None,
+        ties: str = "error",
+    ):
+        for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length), ("k", k)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length: must leave room for a prompt and a completion token, got {max_length}")
+        if ties not in TIES:
+            raise ValueError(f"ties: expected one of {TIES}, got {ties!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.k = k
+        self.ties = ties
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tokenizer={type(self.tokenizer).__name__}, max_length={self.max_length}, "
+            f"max_prompt_length={self.max_prompt_length}, k={self.k}, ties={self.ties!r})"
+        )
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _tokenize_row(self, row: Mapping[str, Any], index: int) -> tuple[list[int], list[list[int]]]:
+        """Token ids of the prompt and of each completion (untruncated)."""
+        prompt, completions = row.get("prompt"), row["completions"]
+        if _is_conversational(prompt):
+            template = self.tokenizer.apply_chat_template
+            prompt_text = template(list(prompt), tokenize=False, add_generation_prompt=True)
+            outs = []
+            for j, completion in enumerate(completions):
+                messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+                if not _is_conversational(messages):
+                    raise ValueError(f"row {index}: completion {j} must be a string or a list of messages")
+                full = template(list(prompt) + list(messages), tokenize=False)
+                if not full.startswith(prompt_text):
+                    raise ValueError(
+                        f"row {index}: the chat template of prompt + completion {j} does not start with the "
+                        "template of the prompt alone, so the completion tokens cannot be told apart"
+                    )
+                outs.append(self._ids(full[len(prompt_text) :], False))
+            return self._ids(prompt_text, False), outs
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"row {index}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
+            )
+        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        outs = []
+        for j, completion in enumerate(completions):
+            if not isinstance(completion, str):
+                raise ValueError(f"row {index}: completion {j} must be a string for a plain-text prompt")
+            outs.append(self._ids(completion, False) + eos)
+        return self._ids(prompt, True), outs
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not rows:
+            raise ValueError("rows: empty batch")
+        ranks, sequences = [], []  # sequences[b] = (prompt ids, [completion ids])
+        for b, row in enumerate(rows):
+            ranks.append(row_ranks(row, k=self.k, ties=self.ties, index=b))
+            prompt, completions = self._tokenize_row(row, b)
+            if self.max_prompt_length is not None:
+                prompt = prompt[-self.max_prompt_length :]
+            if self.max_length is not None:
+                if len(prompt) >= self.max_length:
+                    raise ValueError(
+                        f"row {b}: the prompt has {len(prompt)} tokens, max_length = {self.max_length} leaves no "
+                        "room for a completion; raise max_length or set max_prompt_length"
+                    )
+                completions = [c[: self.max_length - len(prompt)] for c in completions]
+            if not prompt:
+                raise ValueError(f"row {b}: the prompt is empty after tokenization")
+            if not all(completions):
+                j = [len(c) for c in completions].index(0)
+                raise ValueError(f"row {b}: completion {j} is empty after tokenization")
+            sequences.append((prompt, completions))
+        B, S = len(rows), max(len(r) for r in ranks)
+        L = max(len(p) + len(c) for p, cs in sequences for c in cs)
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        input_ids = torch.full((B, S, L), 0 if pad is None else pad, dtype=torch.int64)
+        attention_mask = torch.zeros(B, S, L, dtype=torch.int64)
+        completion_mask = torch.zeros(B, S, L, dtype=torch.bool)
+        out_ranks = torch.full((B, S), IGNORE, dtype=torch.int64)
+        for b, (prompt, completions) in enumerate(sequences):
+            out_ranks[b, : len(ranks[b])] = torch.tensor(ranks[b])
+            P = len(prompt)
+            for j in range(S):
+                c = completions[j] if j < len(completions) else []
+                input_ids[b, j, : P + len(c)] = torch.tensor(prompt + c, dtype=torch.int64)
+                attention_mask[b, j, : P + len(c)] = 1
+                completion_mask[b, j, P : P + len(c)] = True
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "ranks": out_ranks,
+        }
