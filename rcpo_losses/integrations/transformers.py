@@ -1,0 +1,261 @@
+"""``RCPOTrainer``: a ``transformers.Trainer`` that trains a causal LM on ranked completions.
+
+::
+
+    from rcpo_losses.integrations.transformers import RCPOTrainer
+
+    trainer = RCPOTrainer(model, args=TrainingArguments("out"), train_dataset=rows,
+                          processing_class=tokenizer, loss="mallows_rmj_topk", beta=0.1, k=2)
+    trainer.train()
+
+Rows as :class:`rcpo_losses.data.RankedPreferenceCollator` reads them. See docs/integration.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+from transformers import Trainer
+
+from .. import nn as rcpo_nn
+from ..data import RankedPreferenceCollator
+from ..dispersion import entropy_dispersion
+from ..fused_linear import fused_linear_response_stats
+from ..metrics import ranking_metrics
+from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
+from ..tokens import ResponseTokenStats, response_token_stats
+
+LISTWISE = {
+    "mnl_discrete": rcpo_nn.MNLDiscreteLoss,
+    "mnl_topk": rcpo_nn.MNLTopKLoss,
+    "mallows_rmj_discrete": rcpo_nn.MallowsRMJDiscreteLoss,
+    "mallows_rmj_topk": rcpo_nn.MallowsRMJTopKLoss,
+}
+PAIRWISE = {"mnl_pairwise": rcpo_nn.MNLPairwiseLoss, "mallows_rmj_pairwise": rcpo_nn.MallowsRMJPairwiseLoss}
+LOSSES = (*LISTWISE, *PAIRWISE, "dpo_all_pairs")
+ROW_COLUMNS = ["prompt", "completions", "scores", "ranking"]
+
+
+def top_bottom_ranks(ranks: Tensor) -> Tensor:
+    """Pairwise ranks of the best and the worst response of each row: 0, ``UNRANKED``, ``IGNORE`` elsewhere.
+
+    The worst is the last of the list, or the one unranked response; a row with two or more
+    unranked responses has no worst one (choosing one would order them by position), so it
+    raises ``ValueError`` naming the row.
+    """
+    unranked = (ranks == UNRANKED).sum(-1)
+    if (unranked > 1).any():
+        b = int((unranked > 1).nonzero()[0, 0])
+        raise ValueError(
+            f"ranks[{b}]: a pairwise loss compares the best and the worst response, but {int(unranked[b])} "
+            "responses are unranked (a top-k list); use k=None with scores, or a top-k loss"
+        )
+    S = ranks.shape[-1]
+    key = torch.where(ranks == UNRANKED, S, torch.where(ranks >= 0, ranks, -1))
+    worst = key.argmax(-1, keepdim=True)
+    slots = torch.arange(S, device=ranks.device)
+    return torch.where(ranks == 0, 0, torch.where(slots == worst, UNRANKED, IGNORE))
+
+
+def kendall_tau(rewards: Tensor, ranks: Tensor) -> Tensor:
+    """Kendall tau of the rewards with the observed lists: mean over rows of the mean ``sign(r_w - r_l)``.
+
+    The pairs are those the top-k list implies (:func:`rcpo_losses.all_pairs`); tied rewards count 0.
+    """
+    pairs = all_pairs(ranks)
+    r = torch.where(in_assortment(ranks), rewards.detach().float(), 0.0)[pairs.row]
+    winner = (pairs.ranks == 0).int().argmax(-1, keepdim=True)
+    loser = (pairs.ranks == UNRANKED).int().argmax(-1, keepdim=True)
+    sign = torch.sign(r.gather(-1, winner) - r.gather(-1, loser))[:, 0]
+    B = ranks.shape[0]
+    total = torch.zeros(B, device=r.device).index_add_(0, pairs.row, sign)
+    count = torch.zeros(B, device=r.device).index_add_(0, pairs.row, torch.ones_like(sign))
+    rows = count > 0
+    return (total[rows] / count[rows]).mean() if rows.any() else torch.zeros((), device=r.device)
+
+
+class RCPOTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss is an RCPO objective on ranked completions.
+
+    Each batch comes from :class:`~rcpo_losses.data.RankedPreferenceCollator` (built from
+    ``processing_class``, ``max_length``, ``max_prompt_length``, ``k`` and ``ties``). The
+    ``B x S`` completions run through the policy once each (and through the reference model
+    under ``no_grad``); padding slots are never run. Their summed completion log-probs give
+    the rewards ``r = beta * (log pi - log pi_ref)`` (eq. 2), the reference model's entropies
+    the Mallows dispersion ``-log phi(x)`` (appendix D, :func:`~rcpo_losses.entropy_dispersion`).
+
+    Args:
+        model: the policy, a causal LM.
+        ref_model: the reference model; ``None``: a frozen copy of ``model`` made here, before
+            training. Pass it explicitly when resuming from a checkpoint.
+        args: ``TrainingArguments``. A TRL ``DPOConfig`` (or any arguments with ``beta``,
+            ``max_length``, ``max_prompt_length`` fields) works too: those fields are used when
+            the matching argument here is ``None``.
+        train_dataset, eval_dataset: rows ``{"prompt", "completions", "scores" | "ranking"}``.
+        processing_class: the tokenizer.
+        loss: ``"mnl_topk"``, ``"mnl_discrete"``, ``"mnl_pairwise"``, ``"mallows_rmj_topk"``
+            (default), ``"mallows_rmj_discrete"``, ``"mallows_rmj_pairwise"``, or
+            ``"dpo_all_pairs"`` (DPO on every pair the list implies, the paper's baseline).
+            Discrete losses use each list's first pick; pairwise losses its best and worst
+            response (the row must be fully ranked, or have one unranked response).
+        beta: KL strength of eq. 2 (default 0.1).
+        k: longest top-k list kept from each row (``None``: all that the feedback orders).
+        fused_linear: compute log-probs and entropies from the final hidden states and the
+            LM head (:func:`~rcpo_losses.fused_linear_response_stats`): the ``[N, L, V]``
+            logits are never formed.
+        max_length, max_prompt_length, ties: passed to the collator.
+        **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
+
+    Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
+    (reward of the pick minus the mean of the others) and ``dispersion/neg_log_phi``,
+    averaged over the steps since the last log; evaluation logs the same with ``eval_``.
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(
+        self,
+        model=None,
+        ref_model=None,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        loss: str = "mallows_rmj_topk",
+        beta: float | None = None,
+        k: int | None = None,
+        fused_linear: bool = False,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        ties: str = "error",
+        data_collator=None,
+        **kwargs,
+    ):
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        if model is None:
+            raise ValueError("model: RCPOTrainer needs the policy model")
+        beta = getattr(args, "beta", 0.1) if beta is None else beta
+        max_length = getattr(args, "max_length", None) if max_length is None else max_length
+        max_prompt_length = getattr(args, "max_prompt_length", None) if max_prompt_length is None else max_prompt_length
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("processing_class: the tokenizer is needed to build the collator")
+            data_collator = RankedPreferenceCollator(
+                processing_class, max_length=max_length, max_prompt_length=max_prompt_length, k=k, ties=ties
+            )
+        self.loss_name = loss
+        self.beta = beta
+        self.fused_linear = fused_linear
+        module = LISTWISE.get(loss) or PAIRWISE.get(loss) or rcpo_nn.MNLTopKLoss  # dpo_all_pairs: MNL on pairs
+        self.loss_fn = module(beta=beta)
+        if ref_model is None:
+            ref_model = copy.deepcopy(model)
+        self.ref_model = ref_model.eval().requires_grad_(False)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.ref_model.to(self.accelerator.device)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The collator reads the raw row columns, not the model's forward arguments.
+        if self._signature_columns is None:
+            self._signature_columns = list(ROW_COLUMNS)
+
+    # ------------------------------------------------------------------ model -> per-response statistics
+
+    def response_stats(self, model, inputs: dict[str, Tensor], *, entropy: bool = True) -> ResponseTokenStats:
+        """Summed completion log-probs, entropy sums and lengths ``[B, S]`` of every response under ``model``.
+
+        The ``B x S`` sequences are flattened and the padding slots (``IGNORE``) dropped, so
+        the model runs once on each real completion; the dropped slots get 0. The model is
+        called through its own forward (so DDP's hooks run): for ``fused_linear`` with
+        ``output_hidden_states=True`` and ``logits_to_keep=1`` (no full logits), the final
+        hidden states then go with the LM head to ``fused_linear_response_stats``.
+        """
+        B, S, L = inputs["input_ids"].shape
+        keep = (inputs["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
+        attention = inputs["attention_mask"].reshape(B * S, L)[keep]
+        T = int(attention.sum(-1).max())  # right padding shared by all kept sequences
+        ids = inputs["input_ids"].reshape(B * S, L)[keep, :T]
+        attention, mask = attention[:, :T], inputs["completion_mask"].reshape(B * S, L)[keep, :T]
+        if self.fused_linear:
+            out = model(
+                input_ids=ids, attention_mask=attention, output_hidden_states=True, logits_to_keep=1, use_cache=False
+            )
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            stats = fused_linear_response_stats(
+                out.hidden_states[-1], head.weight, ids, mask, shift_labels=True, bias=head.bias, entropy=entropy
+            )
+        else:
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            stats = response_token_stats(logits, ids, mask, shift_labels=True)
+
+        def scatter(x: Tensor) -> Tensor:
+            return torch.zeros(B * S, dtype=x.dtype, device=x.device).index_copy(0, keep, x).reshape(B, S)
+
+        return ResponseTokenStats(*(scatter(x) for x in stats))
+
+    # ------------------------------------------------------------------ loss and metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ranks = inputs["ranks"]
+        policy = self.response_stats(model, inputs, entropy=False)
+        with torch.no_grad():
+            ref = self.response_stats(self.ref_model, inputs)
+        vocab_size = self.ref_model.get_output_embeddings().weight.shape[0]
+        loss_ranks = top_bottom_ranks(ranks) if self.loss_name in PAIRWISE else ranks
+        neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, loss_ranks, vocab_size)
+        if self.loss_name in PAIRWISE:
+            rows = torch.arange(ranks.shape[0], device=ranks.device)
+            win, lose = ((loss_ranks == v).int().argmax(-1) for v in (0, UNRANKED))
+            pick = [(x[rows, win], x[rows, lose]) for x in (policy.logps, ref.logps)]
+            extra = {"neg_log_phi": neg_log_phi} if self.loss_name.startswith("mallows") else {}
+            loss = self.loss_fn(*pick[0], *pick[1], **extra)
+        elif self.loss_name == "dpo_all_pairs":
+            pairs = all_pairs(ranks)
+            loss = self.loss_fn(policy.logps[pairs.row], ref.logps[pairs.row], pairs.ranks)
+        else:
+            if self.loss_name.endswith("discrete"):
+                loss_ranks = torch.where(ranks > 0, UNRANKED, ranks)  # the list's first pick
+            extra = {"neg_log_phi": neg_log_phi} if self.loss_name.startswith("mallows") else {}
+            loss = self.loss_fn(policy.logps, ref.logps, loss_ranks, **extra)
+        rewards = self.beta * (policy.logps.detach() - ref.logps)
+        self._store_metrics(rewards, ranks, neg_log_phi)
+        return (loss, {"rewards": rewards}) if return_outputs else loss
+
+    def _store_metrics(self, rewards: Tensor, ranks: Tensor, neg_log_phi: Tensor) -> None:
+        found = ranking_metrics(rewards, ranks)
+        values = torch.stack(
+            [kendall_tau(rewards, ranks), found["top1_accuracy"].float(), found["margin"].float(), neg_log_phi.mean()]
+        )
+        values = self.accelerator.gather(values[None]).reshape(-1, len(values)).mean(0).tolist()
+        mode = "train" if self.model.training else "eval"
+        names = ("rewards/kendall_tau", "rewards/top1_accuracy", "rewards/margins", "dispersion/neg_log_phi")
+        for name, value in zip(names, values, strict=True):
+            self._metrics[mode][name].append(value)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            logs[prefix + name] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)

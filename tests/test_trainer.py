@@ -1,0 +1,201 @@
+"""RCPOTrainer and examples/train_rcpo.py: a JSONL of ranked rows to a trained, saved model."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import train_rcpo  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from ranked import response_stats, tiny_llama  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
+
+from rcpo_losses import (  # noqa: E402
+    IGNORE,
+    UNRANKED,
+    all_pairs,
+    entropy_dispersion,
+    mallows_rmj_discrete,
+    mallows_rmj_pairwise,
+    mallows_rmj_topk,
+    mnl_discrete,
+    mnl_pairwise,
+    mnl_topk,
+)
+from rcpo_losses.demo import kendall_tau as kendall_tau_a  # noqa: E402
+from rcpo_losses.integrations.transformers import LOSSES, RCPOTrainer, kendall_tau, top_bottom_ranks  # noqa: E402
+
+DATA = EXAMPLES / "data" / "ranked.jsonl"
+METRICS = ["rewards/kendall_tau", "rewards/top1_accuracy", "rewards/margins", "dispersion/neg_log_phi"]
+
+# Fully ranked rows without ties (so that every loss applies), plain and conversational, |S| = 2..4.
+ROWS = [
+    {"prompt": "repeat apple two times", "completions": ["apple apple .", "apple .", "river ."], "scores": [2, 1, 0]},
+    {"prompt": "repeat stone one times", "completions": ["stone stone .", "stone ."], "scores": [0.5, 1.5]},
+    {
+        "prompt": [{"role": "user", "content": "repeat cloud three times"}],
+        "completions": [[{"role": "assistant", "content": t}] for t in ["cloud .", "cloud cloud cloud .", "green ."]]
+        + ["cloud cloud ."],
+        "ranking": [1, 3, 0, 2],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_rcpo.build_tokenizer(load_dataset("json", data_files=str(DATA), split="train"))
+
+
+def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", **kwargs):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no")
+    model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+    return RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss,
+                       beta=0.5, **kwargs)  # fmt: skip
+
+
+def perturbed(trainer):
+    """Move the policy away from the reference, so that rewards are not all 0."""
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return trainer
+
+
+def test_example_trains_logs_and_saves(tmp_path):
+    trainer = train_rcpo.train(str(DATA), steps=4, batch_size=40, output_dir=str(tmp_path / "out"), lr=1e-2)
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(train_logs) >= 2 and eval_logs
+    for log in train_logs:
+        assert all(name in log for name in METRICS), log
+    assert all(f"eval_{name}" in eval_logs[-1] for name in METRICS)
+    assert train_logs[-1]["loss"] < train_logs[0]["loss"], train_logs  # full batch: the loss goes down
+    assert train_logs[-1]["rewards/margins"] > 0
+    # the eval loop computes the same metrics: on the training rows they agree with the last train log
+    seen = trainer.evaluate(trainer.train_dataset)
+    assert all(f"eval_{name}" in seen for name in METRICS)
+    assert seen["eval_rewards/kendall_tau"] > 0 and seen["eval_rewards/margins"] > 0, seen
+    # save and reload like any Trainer: the policy and the tokenizer (with its chat template)
+    trainer.save_model(str(tmp_path / "saved"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    for (name, p), q in zip(trainer.model.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    args = TrainingArguments(output_dir=str(tmp_path / "again"), report_to=[], use_cpu=True)
+    again = RCPOTrainer(model, args=args, processing_class=tok, train_dataset=ROWS)
+    batch = again.data_collator(ROWS)
+    torch.testing.assert_close(batch, trainer.data_collator(ROWS), rtol=0, atol=0)
+
+
+def test_example_cli(tmp_path, capsys):
+    train_rcpo.main(["--data", str(DATA), "--steps", "2", "--output-dir", str(tmp_path), "--loss", "mnl_topk"])
+    assert "saved to" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def reference_loss(trainer, batch, loss):
+    """The loss from examples/ranked.py's statistics of every slot (IGNORE slots included): the spec."""
+    policy = response_stats(trainer.model, batch)
+    with torch.no_grad():
+        ref = response_stats(trainer.ref_model, batch)
+    ranks, beta, V = batch["ranks"], trainer.beta, trainer.model.config.vocab_size
+    if loss == "dpo_all_pairs":
+        pairs = all_pairs(ranks)
+        return mnl_topk(policy.logps[pairs.row], ref.logps[pairs.row], pairs.ranks, beta=beta)
+    if loss.endswith("pairwise"):
+        pair = top_bottom_ranks(ranks)
+        rows = torch.arange(len(ranks))
+        w, l = ((pair == v).int().argmax(-1) for v in (0, UNRANKED))
+        phi = {"neg_log_phi": entropy_dispersion(ref.entropy_sums, ref.lengths, pair, V)} if "mallows" in loss else {}
+        fn = mnl_pairwise if loss.startswith("mnl") else mallows_rmj_pairwise
+        return fn(
+            policy.logps[rows, w], policy.logps[rows, l], ref.logps[rows, w], ref.logps[rows, l], beta=beta, **phi
+        )
+    phi = {"neg_log_phi": entropy_dispersion(ref.entropy_sums, ref.lengths, ranks, V)} if "mallows" in loss else {}
+    fns = {"mnl_topk": mnl_topk, "mnl_discrete": mnl_discrete, "mallows_rmj_topk": mallows_rmj_topk}
+    fns["mallows_rmj_discrete"] = mallows_rmj_discrete
+    if loss.endswith("discrete"):
+        ranks = torch.where(ranks > 0, UNRANKED, ranks)
+    return fns[loss](policy.logps, ref.logps, ranks, beta=beta, **phi)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_matches_the_functions(tokenizer, tmp_path, loss):
+    trainer = perturbed(make_trainer(tokenizer, tmp_path, loss=loss))
+    batch = trainer.data_collator(ROWS)
+    assert (batch["ranks"] == IGNORE).any()  # padding slots are skipped, and must not matter
+    got = trainer.compute_loss(trainer.model, batch)
+    want = reference_loss(trainer, batch, loss)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    garbage = {**batch, "input_ids": torch.where((batch["ranks"] == IGNORE)[..., None], 7, batch["input_ids"])}
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, garbage), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["mallows_rmj_topk", "mnl_pairwise"])
+def test_fused_linear_gives_the_same_loss_and_gradients(tokenizer, tmp_path, loss):
+    results = []
+    for fused in (False, True):
+        trainer = perturbed(make_trainer(tokenizer, tmp_path, loss=loss, fused_linear=fused))
+        torch.manual_seed(0)
+        value = trainer.compute_loss(trainer.model, trainer.data_collator(ROWS))
+        value.backward()
+        results.append((value.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}))
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trl_style_config_fields_are_read(tokenizer, tmp_path):
+    @dataclasses.dataclass
+    class DPOLikeConfig(TrainingArguments):  # TRL's DPOConfig carries these fields
+        beta: float = 0.25
+        max_length: int | None = 6
+        max_prompt_length: int | None = 4
+
+    args = DPOLikeConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = RCPOTrainer(tiny_llama(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer)
+    assert trainer.beta == 0.25 and trainer.loss_fn.beta == 0.25
+    batch = trainer.data_collator(ROWS)
+    assert batch["input_ids"].shape[-1] == 6
+    assert RCPOTrainer(trainer.model, args=args, processing_class=tokenizer, beta=0.5).beta == 0.5  # explicit wins
+
+
+def test_bad_arguments(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        make_trainer(tokenizer, tmp_path, loss="dpo")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="processing_class"):
+        RCPOTrainer(tiny_llama(vocab_size=len(tokenizer)), args=args)
+    trainer = make_trainer(tokenizer, tmp_path, loss="mnl_pairwise", k=1)  # top-1 lists have no worst response
+    with pytest.raises(ValueError, match=r"ranks\[0\]: a pairwise loss compares the best and the worst"):
+        trainer.compute_loss(trainer.model, trainer.data_collator(ROWS))
+
+
+def test_top_bottom_and_kendall_tau():
+    ranks = torch.tensor([[2, 0, 1, IGNORE], [0, UNRANKED, IGNORE, IGNORE], [1, 0, 2, 3]])
+    assert top_bottom_ranks(ranks).tolist() == [
+        [UNRANKED, 0, IGNORE, IGNORE],
+        [0, UNRANKED, IGNORE, IGNORE],
+        [IGNORE, 0, IGNORE, UNRANKED],
+    ]
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(3, 4, generator=g)
+    rewards[0, 3] = float("nan")  # padding is never read
+    order = -torch.where(ranks == UNRANKED, 99, ranks).float()  # higher is better; unranked last
+    want = torch.stack([kendall_tau_a(rewards[b, :n], order[b, :n]) for b, n in ((0, 3), (1, 2), (2, 4))])
+    torch.testing.assert_close(kendall_tau(rewards, ranks), want.mean())
+    # a top-1 list over 3: only the pick's two pairs count
+    top1 = torch.tensor([[UNRANKED, 0, UNRANKED]])
+    assert kendall_tau(torch.tensor([[1.0, 2.0, 3.0]]), top1).item() == 0.0
