@@ -28,8 +28,10 @@ top-k list (``ranks_from_scores``), DPO-AllPairs the pairs that list implies
 (``all_pairs``), the pairwise ones the annotator's best and worst response
 (``top_bottom_pair``), as in the paper's pairwise setup (appendix G).
 
-Prints a table (stdout; a progress bar goes to stderr) and writes a PNG (``--out``) and,
-with ``--json``, the raw numbers. See docs/demo.md for what it shows.
+Prints a table (stdout; a tqdm progress bar goes to stderr) and writes a matplotlib
+figure (``--out``) and, with ``--json``, the raw numbers. matplotlib and tqdm come with
+the ``demo`` extra (``pip install "rcpo-losses[demo]"``); without them the demo still runs
+and prints its table. See docs/demo.md for what it shows.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _plot
 from .mallows import mallows_rmj_discrete, mallows_rmj_pairwise, mallows_rmj_topk
 from .mnl import mnl_discrete, mnl_pairwise, mnl_topk
 from .ranks import UNRANKED, all_pairs, ranks_from_scores, top_bottom_pair
@@ -328,31 +329,28 @@ def train(obj: Objective, runs: Runs, world: World, cfg: argparse.Namespace, tic
 # ----------------------------------------------------------------------------- experiment
 
 
-class Progress:
-    """A plain-text progress bar on stderr (one line per stage when stderr is not a terminal)."""
+class _NoBar:
+    """Stands in for a tqdm bar when tqdm is not installed or the bar is off."""
 
-    def __init__(self, total: int, enabled: bool = True, stream=sys.stderr):
-        self.total, self.done, self.enabled, self.stream = total, 0, enabled, stream
-        self.tty, self.label, self.start, self.last = stream.isatty(), "", time.perf_counter(), 0.0
+    def set_description(self, desc: str) -> None:
+        pass
 
-    def stage(self, label: str) -> None:
-        self.label = label
-        if self.enabled and not self.tty:
-            print(f"[{self.done / self.total:4.0%}] {label}", file=self.stream, flush=True)
-
-    def tick(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if self.enabled and self.tty and (now - self.last > 0.1 or self.done == self.total):
-            self.last, frac, width = now, self.done / self.total, 30
-            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-            self.stream.write(f"\r[{bar}] {frac:4.0%} {now - self.start:5.1f}s  {self.label:<42.42}")
-            self.stream.flush()
+    def update(self, n: int = 1) -> None:
+        pass
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
+        pass
+
+
+def progress_bar(total: int, quiet: bool = False, file=None):
+    """A tqdm bar on stderr (off on a non-terminal, with ``quiet``, or without tqdm)."""
+    if quiet:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, file=sys.stderr if file is None else file, disable=None, unit="step")
 
 
 def run_experiment(cfg: argparse.Namespace) -> dict:
@@ -396,14 +394,15 @@ def run_experiment(cfg: argparse.Namespace) -> dict:
          "kendall_tau": float(ref_tau[i]), "top1": float(ref_top1[i])}
         for noise in cfg.noise for n in cfg.sizes for i, seed in enumerate(cfg.seeds)
     ]  # fmt: skip
-    progress = Progress(len(cfg.noise) * len(objs) * cfg.epochs, enabled=not cfg.quiet)
+    start = time.perf_counter()
+    progress = progress_bar(len(cfg.noise) * len(objs) * cfg.epochs, cfg.quiet)
     n_seeds, n_sizes = len(cfg.seeds), len(cfg.sizes)
     for noise in cfg.noise:
         train_scores, val_scores = annotations[noise]
         runs = make_runs(world, train_scores, cfg.sizes)
         for obj in objs:
-            progress.stage(f"{obj.name}, {noise} noise")
-            W = train(obj, runs, world, cfg, progress.tick)  # [L, D, d, d]
+            progress.set_description(f"{obj.name}, {noise} noise")
+            W = train(obj, runs, world, cfg, progress.update)  # [L, D, d, d]
             with torch.no_grad():
                 dW = (W - world.W0[runs.seed_of]).view(len(cfg.lrs), n_sizes, n_seeds, *W.shape[-2:])
                 r_hat = cfg.beta * (world.val_y @ (world.val_x @ dW)[..., None])[..., 0]  # [L, sizes, R, V, S]
@@ -423,7 +422,7 @@ def run_experiment(cfg: argparse.Namespace) -> dict:
         "phi": phi,
         "annotator_kendall_tau": noise_tau,
         "objectives": [REFERENCE] + [o.name for o in objs],
-        "seconds": round(time.perf_counter() - progress.start, 2),
+        "seconds": round(time.perf_counter() - start, 2),
         "records": records,
     }
 
@@ -465,42 +464,73 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-FEEDBACK_COLORS = {
-    "top-bottom": _plot.BLUE,
-    "all-pairs": _plot.ORANGE,
-    "top-1": _plot.GREEN,
-    "top-k": _plot.RED,
-    "rmj-pairs": _plot.PURPLE,
+FEEDBACK_COLORS = {  # matplotlib's default cycle
+    "top-bottom": "tab:blue",
+    "all-pairs": "tab:orange",
+    "top-1": "tab:green",
+    "top-k": "tab:red",
+    "rmj-pairs": "tab:purple",
 }
+PLOT_EXTRA = 'the plot needs matplotlib: pip install "rcpo-losses[demo]"'
 
 
 def plot(results: dict, path: str) -> None:
     """Agreement with the true reward vs number of training prompts: rows = metric, columns = noise.
 
-    Color = feedback (top-bottom pair, all pairs, best only, top-k); solid = MNL, dashed = Mallows-RMJ.
+    Color = feedback (top-bottom pair, all pairs, best only, top-k); solid with filled
+    markers = MNL, dashed with open markers = Mallows-RMJ; the band is one standard error
+    over seeds. Drawn with matplotlib's object API (no pyplot, no global backend change).
     """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
     cfg = results["config"]
     objs = objectives(cfg["k"], cfg["ablation"])
-    styles = {o.name: (FEEDBACK_COLORS[o.feedback], o.family == "mallows") for o in objs} | {
-        REFERENCE: (_plot.GRAY, False)
-    }
-    names = [REFERENCE] + [o.name for o in objs]
-    columns = [[REFERENCE] + [o.name for o in objs if o.family == "mnl"], [o.name for o in objs if o.family != "mnl"]]
-    panel_w, panel_h, top = 640, 380, 50
-    canvas = _plot.Canvas(
-        max(panel_w * len(cfg["noise"]), 900) + 20, top + 2 * panel_h + 24 * max(map(len, columns)) + 20
-    )
-    title = f"RCPO DEMO: AGREEMENT WITH THE TRUE REWARD ON HELD-OUT PROMPTS (|S|={cfg['set_size']}, K={cfg['k']})"
-    canvas.text(canvas.pixels.shape[1] // 2, 14, title, anchor="center")
-    for c, noise in enumerate(cfg["noise"]):
+    noises, sizes = cfg["noise"], cfg["sizes"]
+    fig = Figure(figsize=(max(4.6 * len(noises) + 0.6, 9.5), 7.4), layout="constrained")
+    axes = fig.subplots(len(METRICS), len(noises), squeeze=False, sharex=True)
+    for c, noise in enumerate(noises):
         for r, (metric, label) in enumerate(METRICS.items()):
-            summary = summarize(results, metric)
-            series = {n: [summary[(noise, n, s)][0] for s in cfg["sizes"]] for n in names}
-            box = (10 + c * panel_w, top + r * panel_h, 10 + (c + 1) * panel_w, top + (r + 1) * panel_h)
-            _plot.line_panel(canvas, box, cfg["sizes"], series, title=NOISE_TITLES[noise], xlabel="training prompts",
-                             ylabel=label, styles=styles)  # fmt: skip
-    _plot.legend(canvas, 30, top + 2 * panel_h + 6, columns, styles)
-    _plot.write_png(path, canvas.pixels)
+            ax, summary = axes[r, c], summarize(results, metric)
+            ref = [summary[(noise, REFERENCE, n)][0] for n in sizes]
+            ax.plot(sizes, ref, color="0.55", lw=1.5, label=REFERENCE)
+            for obj in objs:
+                mean, se = (list(v) for v in zip(*(summary[(noise, obj.name, n)] for n in sizes), strict=True))
+                mallows = obj.family == "mallows"
+                color = FEEDBACK_COLORS[obj.feedback]
+                ax.plot(sizes, mean, color=color, ls="--" if mallows else "-", marker="s" if mallows else "o", ms=4,
+                        mfc="white" if mallows else color, lw=1.6, label=obj.name)  # fmt: skip
+                lo, hi = [m - e for m, e in zip(mean, se, strict=True)], [m + e for m, e in zip(mean, se, strict=True)]
+                ax.fill_between(sizes, lo, hi, color=color, alpha=0.08, lw=0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+            if r == 0:
+                ax.set_title(NOISE_TITLES[noise])
+            if r == len(METRICS) - 1:
+                ax.set_xlabel("training prompts")
+            if c == 0:
+                ax.set_ylabel(label)
+    # Legend: one column per feedback, MNL above Mallows-RMJ (an empty slot where a family lacks it).
+    handle = dict(zip(*reversed(axes[0, 0].get_legend_handles_labels()), strict=True))
+    blank = Line2D([], [], alpha=0)
+    columns = [[handle[REFERENCE], blank]] + [
+        [
+            next((handle[o.name] for o in objs if o.feedback == f and o.family == family), blank)
+            for family in ("mnl", "mallows")
+        ]
+        for f in FEEDBACK_COLORS
+        if any(o.feedback == f for o in objs)
+    ]
+    handles = [h for column in columns for h in column]
+    labels = [h.get_label() if h is not blank else "" for h in handles]
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(columns), frameon=False)
+    fig.suptitle(
+        f"RCPO demo: agreement with the true reward on held-out prompts (|S|={cfg['set_size']}, k={cfg['k']}; "
+        f"mean over {len(cfg['seeds'])} seed{'s' * (len(cfg['seeds']) > 1)}, band = 1 s.e.)"
+    )
+    fig.savefig(path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -558,8 +588,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_experiment(cfg)
     print(format_table(results))
     if cfg.out:
-        plot(results, cfg.out)
-        print(f"\nplot: {os.path.abspath(cfg.out)}")
+        try:
+            plot(results, cfg.out)
+            print(f"\nplot: {os.path.abspath(cfg.out)}")
+        except ImportError:
+            print(f"\nplot: not written ({cfg.out}): {PLOT_EXTRA}")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(results, f, indent=1)
