@@ -199,3 +199,20 @@ def test_top_bottom_and_kendall_tau():
     # a top-1 list over 3: only the pick's two pairs count
     top1 = torch.tensor([[UNRANKED, 0, UNRANKED]])
     assert kendall_tau(torch.tensor([[1.0, 2.0, 3.0]]), top1).item() == 0.0
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tokenizer, tmp_path):
+    def run(resume=None):
+        model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+        ref_model = tiny_llama(vocab_size=len(tokenizer), seed=0)  # the reference is passed again when resuming
+        args = TrainingArguments(str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=1,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, seed=0)  # fmt: skip
+        trainer = RCPOTrainer(model, ref_model, args, train_dataset=ROWS, processing_class=tokenizer, beta=0.5)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.model
+
+    straight = run()
+    resumed = run(str(tmp_path / "checkpoint-2"))
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(straight.lm_head.weight, tiny_llama(vocab_size=len(tokenizer), seed=0).lm_head.weight)
