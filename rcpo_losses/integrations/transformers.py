@@ -187,7 +187,7 @@ class RCPOTrainer(Trainer):
         B, S, L = inputs["input_ids"].shape
         keep = (inputs["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
         attention = inputs["attention_mask"].reshape(B * S, L)[keep]
-        T = int(attention.sum(-1).max())  # right padding shared by all kept sequences
+        T = int(attention.bool().any(0).nonzero().max()) + 1  # drop the padding columns no kept sequence uses
         ids = inputs["input_ids"].reshape(B * S, L)[keep, :T]
         attention, mask = attention[:, :T], inputs["completion_mask"].reshape(B * S, L)[keep, :T]
         if self.fused_linear:
