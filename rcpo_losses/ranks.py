@@ -43,13 +43,65 @@ def order_by_rank(ranks: Tensor) -> Tensor:
     return torch.argsort(key, dim=-1, stable=True)
 
 
+class RowChecks(NamedTuple):
+    """What :func:`row_checks` finds in each row of a rank tensor (all computed on device, no sync)."""
+
+    n: Tensor  # int64 [B]: |S_b|
+    k: Tensor  # int64 [B]: k_b, the number of entries >= 0
+    illegal: Tensor  # bool [B]: an entry is not >= 0, UNRANKED or IGNORE
+    too_small: Tensor  # bool [B]: fewer than two responses
+    no_pick: Tensor  # bool [B]: no ranked response
+    not_a_list: Tensor  # bool [B]: the ranked entries are not 0..k-1 once each
+
+    @property
+    def valid(self) -> Tensor:
+        return ~(self.illegal | self.too_small | self.no_pick | self.not_a_list)
+
+
+def row_checks(ranks: Tensor) -> RowChecks:
+    """Per-row validity of a ``[B, S]`` rank tensor: the one definition of a valid row.
+
+    ``_checks.check_ranks`` raises on the first invalid row (``validate=True``);
+    :func:`valid_rows` and :func:`mask_invalid_rows` use the same flags without a sync.
+    """
+    B, S = ranks.shape
+    r = ranks.long()
+    n = in_assortment(r).sum(-1)
+    k = list_length(r)
+    # Ranks 0..k-1 once each: count each value; ranks >= S land in column S (where none
+    # may be), entries that are not picks in column S + 1 (ignored).
+    idx = torch.where(r >= 0, r.clamp(max=S), S + 1)
+    counts = torch.zeros(B, S + 2, dtype=torch.int64, device=r.device).scatter_add_(1, idx, torch.ones_like(idx))
+    want = (torch.arange(S + 1, device=r.device) < k[:, None]).long()
+    return RowChecks(
+        n=n,
+        k=k,
+        illegal=~((r >= 0) | (r == UNRANKED) | (r == IGNORE)).all(-1),
+        too_small=n < 2,
+        no_pick=k == 0,
+        not_a_list=(counts[:, : S + 1] != want).any(-1),
+    )
+
+
 def valid_rows(ranks: Tensor) -> Tensor:
-    """Bool ``[B]``: rows with at least two responses and one ranked response.
+    """Bool ``[B]``: rows that hold a valid top-k list (see :func:`row_checks`).
 
     Reductions average over these rows. With ``validate=True`` every row must be valid;
-    with ``validate=False`` an invalid row gets loss 0 and is left out of the mean.
+    with ``validate=False`` (and under ``torch.compile``) an invalid row gets loss 0 and
+    is left out of the mean.
     """
-    return (assortment_size(ranks) >= 2) & (list_length(ranks) >= 1)
+    return row_checks(ranks).valid
+
+
+def mask_invalid_rows(ranks: Tensor) -> Tensor:
+    """``ranks`` with every invalid row turned into all-``IGNORE`` (on device, no sync).
+
+    Applied before any backend runs, so that the Triton kernels and the PyTorch reference
+    see the same input: an invalid row then has no response, hence loss 0, gradient 0,
+    and no place in the mean.
+    """
+    ranks = ranks if ranks.dtype.is_signed else ranks.long()  # uint8 cannot hold IGNORE
+    return torch.where(valid_rows(ranks)[:, None], ranks, IGNORE)
 
 
 def ranks_from_scores(scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None) -> Tensor:

@@ -1,0 +1,127 @@
+"""Edge cases of issue 10: invalid rows without validation, overflow, double backward, odd arguments.
+
+Each test failed before its fix. The Triton choice kernels run under the interpreter on
+the CPU (``TRITON_INTERPRET=1``, set by conftest.py) and compiled on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rcpo_losses import (
+    IGNORE,
+    UNRANKED,
+    mallows_rmj_discrete,
+    mallows_rmj_log_likelihood,
+    mallows_rmj_topk,
+    mallows_rmj_topk_from_rewards,
+    mnl_discrete,
+    mnl_log_likelihood,
+    mnl_topk,
+    mnl_topk_from_rewards,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+
+LOSSES = {
+    "mnl": lambda p, q, ranks, **kw: mnl_topk(p, q, ranks, **kw),
+    "mallows": lambda p, q, ranks, **kw: mallows_rmj_topk(p, q, ranks, neg_log_phi=0.7, **kw),
+    "mnl_rewards": lambda p, q, ranks, **kw: mnl_topk_from_rewards(p, ranks, **kw),
+    "mallows_rewards": lambda p, q, ranks, **kw: mallows_rmj_topk_from_rewards(p, ranks, neg_log_phi=0.7, **kw),
+}
+
+# --- item 2: invalid rows without validation ------------------------------------------------
+
+# Rows 1, 3, 5, 6 are invalid in ways the old valid_rows (n >= 2 and k >= 1) did not see:
+# a duplicate rank, a gap, an illegal code, a rank past S. Rows 7, 8 are invalid for it too.
+MIXED = torch.tensor(
+    [
+        [0, UNRANKED, IGNORE, 1],
+        [0, 0, UNRANKED, IGNORE],  # duplicate rank 0
+        [1, 0, UNRANKED, UNRANKED],
+        [0, 2, UNRANKED, IGNORE],  # gap: no rank 1
+        [UNRANKED, 0, IGNORE, IGNORE],
+        [0, -5, UNRANKED, IGNORE],  # -5 is neither UNRANKED nor IGNORE
+        [0, 1, 7, UNRANKED],  # rank 7 >= S
+        [UNRANKED, UNRANKED, IGNORE, IGNORE],  # no pick
+        [0, IGNORE, IGNORE, IGNORE],  # one response
+    ]
+)
+VALID = torch.tensor([True, False, True, False, True, False, False, False, False])
+
+
+def _mixed_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    policy = torch.randn(MIXED.shape, generator=g, dtype=dtype)
+    policy[1, 3] = float("nan")  # padding of an invalid row: must not leak
+    return policy.to(DEVICE), MIXED.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", sorted(LOSSES))
+def test_invalid_rows_get_loss_zero_and_leave_the_mean(model, backend):
+    policy, ranks = _mixed_inputs()
+    loss_fn = LOSSES[model]
+    p = policy.clone().requires_grad_()
+    per_row = loss_fn(p, None, ranks, reduction="none", backend=backend, validate=False)
+    (grad,) = torch.autograd.grad(per_row.sum(), p)
+    assert torch.all(per_row[~VALID] == 0)
+    assert torch.all(grad[~VALID] == 0)
+    # the valid rows alone, validated, give the same values
+    valid_only = loss_fn(policy[VALID], None, ranks[VALID], reduction="none", backend=backend)
+    torch.testing.assert_close(per_row[VALID], valid_only, rtol=1e-12, atol=1e-12)
+    mean = loss_fn(policy, None, ranks, backend=backend, validate=False)
+    torch.testing.assert_close(mean, valid_only.mean(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", sorted(LOSSES))
+def test_invalid_rows_agree_across_backends(model):
+    policy, ranks = _mixed_inputs(torch.float32)
+    out = {}
+    for backend in BACKENDS:
+        p = policy.clone().requires_grad_()
+        loss = LOSSES[model](p, None, ranks, backend=backend, validate=False)
+        out[backend] = (loss, torch.autograd.grad(loss, p)[0])
+    for a, b in zip(out["triton"], out["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_likelihoods_of_invalid_rows_are_zero_without_validation():
+    policy, ranks = _mixed_inputs()
+    for ll in (
+        mnl_log_likelihood(policy, ranks, validate=False),
+        mallows_rmj_log_likelihood(policy, ranks, 0.5, validate=False),
+    ):
+        assert torch.isfinite(ll).all() and torch.all(ll[~VALID] == 0)
+        assert torch.all(ll[VALID] < 0)
+
+
+@pytest.mark.parametrize("model", ["mnl", "mallows"])
+def test_invalid_rows_under_torch_compile(model):
+    """Under torch.compile the value checks never run: the mask alone keeps the loss right."""
+    torch._dynamo.reset()
+    policy, ranks = _mixed_inputs(torch.float32)
+    loss_fn = LOSSES[model]
+
+    def fn(p, ranks):
+        return loss_fn(p, None, ranks, backend="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    p = policy.clone().requires_grad_()
+    loss = compiled(p, ranks)
+    (grad,) = torch.autograd.grad(loss, p)
+    want = loss_fn(policy[VALID], None, ranks[VALID], backend="torch")
+    torch.testing.assert_close(loss, want)
+    assert torch.all(grad[~VALID] == 0)
+
+
+def test_discrete_rows_with_k_not_one_are_left_out_without_validation():
+    ranks = torch.tensor([[0, UNRANKED, UNRANKED], [0, 1, UNRANKED], [UNRANKED, 0, IGNORE]])
+    policy = torch.randn(3, 3, dtype=torch.float64)
+    keep = torch.tensor([True, False, True])
+    for loss_fn in (mnl_discrete, mallows_rmj_discrete):
+        per_row = loss_fn(policy, None, ranks, reduction="none", validate=False)
+        assert per_row[1] == 0
+        torch.testing.assert_close(per_row[keep], loss_fn(policy[keep], None, ranks[keep], reduction="none"))
