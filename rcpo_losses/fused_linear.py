@@ -169,7 +169,8 @@ def fused_linear_token_stats_backward_op(
     V = weight.shape[0]
     dtype = lse.dtype
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    # contiguous whatever hidden's strides, as the fake says (empty_like would keep a transposed layout)
+    grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight else None
     need_bias = need_bias and bias is not None
     grad_b = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None

@@ -125,3 +125,89 @@ def test_discrete_rows_with_k_not_one_are_left_out_without_validation():
         per_row = loss_fn(policy, None, ranks, reduction="none", validate=False)
         assert per_row[1] == 0
         torch.testing.assert_close(per_row[keep], loss_fn(policy[keep], None, ranks[keep], reduction="none"))
+
+
+# --- item 1: every custom op agrees with its fake on non-contiguous inputs --------------------
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` ``[N, M]``, dense but column-major (strides ``(1, N)``)."""
+    return x.t().contiguous().t()
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` ``[N]`` at stride 2."""
+    return torch.stack([x, torch.zeros_like(x)], -1)[:, 0]
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_opcheck_fused_linear_on_non_contiguous_inputs(use_triton):
+    from rcpo_losses.fused_linear import fused_linear_token_stats_backward_op, fused_linear_token_stats_op
+
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 7, 5, 11
+    dev = DEVICE if use_triton else "cpu"
+    h = _transposed(torch.randn(N, H, generator=g)).to(dev)
+    W = _transposed(torch.randn(V, H, generator=g)).to(dev)
+    b = _strided(torch.randn(V, generator=g)).to(dev)
+    t = _strided(torch.tensor([0, 10, -100, 3, 3, 7, -100])).to(dev)
+    assert not h.is_contiguous() and not t.is_contiguous()
+    args = (h.requires_grad_(), W.requires_grad_(), b.requires_grad_(), t, -100, 3, use_triton, True)
+    torch.library.opcheck(fused_linear_token_stats_op, args)
+    _, ent, lse = fused_linear_token_stats_op(h.detach(), W.detach(), b.detach(), t, -100, 3, use_triton, True)
+    g_logp, g_ent = _strided(torch.randn(N, generator=g)).to(dev), _strided(torch.randn(N, generator=g)).to(dev)
+    for need in [(True, True, True), (True, False, False), (False, True, True)]:
+        bw_args = (h.detach(), W.detach(), b.detach(), t, lse, ent, g_logp, g_ent, -100, 3, use_triton, True, *need)
+        torch.library.opcheck(fused_linear_token_stats_backward_op, bw_args)
+
+
+def test_opcheck_token_stats_on_non_contiguous_inputs():
+    from rcpo_losses.token_ops import token_stats, token_stats_backward
+
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(6, 48, generator=g).to(DEVICE)[:, :40]  # the kernel needs unit stride along V only
+    t = _strided(torch.tensor([0, 39, -100, 4, 7, 8])).to(DEVICE)
+    torch.library.opcheck(token_stats, (z.requires_grad_(), t, -100, 16))
+    _, ent, lse = token_stats(z.detach(), t, -100, 16)
+    g_logp, g_ent = _strided(torch.randn(6, generator=g)).to(DEVICE), _strided(torch.randn(6, generator=g)).to(DEVICE)
+    torch.library.opcheck(token_stats_backward, (z.detach(), t, lse, ent, g_logp, g_ent, -100, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_choice_ops_on_non_contiguous_inputs(dtype):
+    from rcpo_losses import choice_ops  # noqa: F401  (registers the ops)
+
+    g = torch.Generator().manual_seed(3)
+    ranks = _transposed(MIXED[VALID].to(DEVICE))
+    r = _transposed(torch.randn(ranks.shape, generator=g, dtype=dtype)).to(DEVICE)
+    w = _strided(torch.rand(ranks.shape[0], generator=g, dtype=dtype)).to(DEVICE)
+    grad = _strided(torch.randn(ranks.shape[0], generator=g, dtype=dtype)).to(DEVICE)
+    ops = torch.ops.rcpo_losses
+    torch.library.opcheck(ops.mnl_topk, (r.clone().requires_grad_(), ranks))
+    torch.library.opcheck(ops.mallows_rmj_topk, (r.clone().requires_grad_(), ranks, w.clone().requires_grad_()))
+    torch.library.opcheck(ops.mnl_topk_backward, (grad, r, ranks))
+    torch.library.opcheck(ops.mallows_rmj_topk_backward, (grad, r, ranks, w))
+
+
+def test_compiled_fused_linear_backward_with_a_transposed_hidden():
+    import warnings
+
+    from rcpo_losses import fused_linear_token_stats
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.tensor([0, 10, -100, 3, 3, 7])
+
+    def f(h, W):
+        logp, ent = fused_linear_token_stats(h, W, t, chunk_size=4, backend="torch")
+        return (logp + 0.5 * ent).sum()
+
+    base = torch.randn(5, 6, generator=g)  # hidden = base.T: dense, strides (1, 6)
+    W = torch.randn(11, 5, generator=g)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x1 = base.clone().requires_grad_()
+        torch.compile(f, fullgraph=True)(x1.t(), W).backward()
+    x2 = base.clone().requires_grad_()
+    f(x2.t(), W).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
