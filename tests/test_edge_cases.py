@@ -14,10 +14,12 @@ from rcpo_losses import (
     UNRANKED,
     mallows_rmj_discrete,
     mallows_rmj_log_likelihood,
+    mallows_rmj_pairwise,
     mallows_rmj_topk,
     mallows_rmj_topk_from_rewards,
     mnl_discrete,
     mnl_log_likelihood,
+    mnl_pairwise,
     mnl_topk,
     mnl_topk_from_rewards,
 )
@@ -211,3 +213,65 @@ def test_compiled_fused_linear_backward_with_a_transposed_hidden():
     x2 = base.clone().requires_grad_()
     f(x2.t(), W).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# --- item 4: rewards that overflow the compute dtype --------------------------------------------
+
+PAIR = torch.tensor([[0, UNRANKED], [UNRANKED, 0]])
+
+
+@pytest.mark.parametrize("loss_fn", [mnl_topk, mallows_rmj_topk])
+def test_beta_that_overflows_the_compute_dtype_is_rejected(loss_fn):
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.25]])
+    with pytest.raises(ValueError, match=r"beta: 1e\+39 overflows torch.float32"):
+        loss_fn(p, None, PAIR, beta=1e39)
+    with pytest.raises(ValueError, match="beta: 1e\\+39 overflows"):
+        loss_fn(p, None, PAIR, beta=1e39, validate=False)  # free: no sync needed
+    with pytest.raises(ValueError, match="beta: 1e\\+39 overflows"):
+        mnl_pairwise(p[:, 0], p[:, 1], beta=1e39)
+    # fp64 log-probs compute in fp64, where 1e39 is an ordinary number
+    assert torch.isfinite(loss_fn(p.double(), None, PAIR, beta=1e39))
+
+
+@pytest.mark.parametrize("loss_fn", [mnl_topk, mallows_rmj_topk])
+def test_rewards_that_overflow_are_rejected_naming_the_inputs(loss_fn):
+    policy = torch.tensor([[1.0, 3e38], [0.5, 0.25]])
+    ref = torch.tensor([[0.0, -3e38], [0.0, 0.0]])
+    msg = r"beta \* \(policy_logps - ref_logps\): the reward of row 0, slot 1 overflows torch.float32"
+    with pytest.raises(ValueError, match=msg):
+        loss_fn(policy, ref, PAIR, beta=1.0)
+    with pytest.raises(ValueError, match=r"beta \* policy_logps: the reward of row 0, slot 1 overflows"):
+        loss_fn(policy, None, PAIR, beta=10.0)
+    with pytest.raises(
+        ValueError, match=r"beta \* \(policy_rejected_logps - ref_rejected_logps\): the reward of row 0"
+    ):
+        mnl_pairwise(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=1.0)
+
+
+def test_neg_log_phi_that_overflows_is_rejected():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.25]])
+    with pytest.raises(ValueError, match=r"neg_log_phi: 1e\+39 overflows torch.float32"):
+        mallows_rmj_topk(p, None, PAIR, neg_log_phi=1e39)
+    with pytest.raises(ValueError, match=r"neg_log_phi\[1\]: must be finite and >= 0, got 1e\+39 \(overflows"):
+        mallows_rmj_topk(p, None, PAIR, neg_log_phi=torch.tensor([1.0, 1e39], dtype=torch.float64))
+
+
+# --- item 10: the pairwise losses name the argument the user passed ---------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [mnl_pairwise, mallows_rmj_pairwise])
+def test_pairwise_errors_name_the_pairwise_argument(loss_fn):
+    x = torch.zeros(3)
+    bad = torch.tensor([0.0, float("nan"), 0.0])
+    with pytest.raises(ValueError, match=r"^policy_rejected_logps\[1\]: must be finite, got nan$"):
+        loss_fn(x, bad)
+    with pytest.raises(ValueError, match=r"^policy_chosen_logps\[1\]: must be finite, got nan$"):
+        loss_fn(bad, x, x, x)
+    with pytest.raises(ValueError, match=r"^ref_rejected_logps\[1\]: must be finite, got nan$"):
+        loss_fn(x, x, x, bad)
+    with pytest.raises(ValueError, match=r"^policy_chosen_logps: expected a \[B\] tensor, got shape \(\)$"):
+        loss_fn(torch.tensor(0.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"^policy_rejected_logps: expected shape \(3,\) .*got \(\)$"):
+        loss_fn(x, torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"^ref_chosen_logps: expected shape \(3,\) .*got \(3, 1\)$"):
+        loss_fn(x, x, x[:, None], x)
