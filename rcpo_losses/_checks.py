@@ -6,6 +6,8 @@ device-to-host sync; they run when ``validate=True`` and never under ``torch.com
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -153,3 +155,53 @@ def check_neg_log_phi(neg_log_phi: float | Tensor, ranks: Tensor, validate: bool
 def check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def double_backward_message(name: str) -> str:
+    return (
+        f"{name}: double backward (a gradient of a gradient, create_graph=True) is not supported by the "
+        "token statistics, on any backend; first-order gradients are exact"
+    )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on ``x`` whose backward raises; ``anchors`` tie it to the graph of the inputs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str, *anchors: Tensor) -> Tensor:
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise RuntimeError(double_backward_message(ctx.name))
+
+
+def first_order_only(name: str):
+    """Decorate an ``autograd.Function.backward``: it runs without grad, and differentiating its
+    outputs again (``create_graph=True``) raises a clear error instead of a wrong or obscure one."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, Tensor) and t.requires_grad]
+            return tuple(
+                _FirstOrderOnly.apply(g, name, *anchors) if isinstance(g, Tensor) and anchors else g for g in outputs
+            )
+
+        return wrapper
+
+    return decorate
+
+
+def no_double_backward(name: str):
+    """A ``register_autograd`` backward for a custom backward op: double backward raises."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(double_backward_message(name))
+
+    return backward

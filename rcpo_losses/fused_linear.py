@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._checks import no_double_backward
 from .tokens import (
     ResponseTokenStats,
     _check_target_ids,
@@ -288,6 +289,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 
 
 fused_linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+fused_linear_token_stats_backward_op.register_autograd(no_double_backward("fused_linear_token_stats"))
 
 
 def _check_fused_inputs(

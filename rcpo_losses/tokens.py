@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._checks import should_sync
+from ._checks import first_order_only, should_sync
 from .dispersion import entropy_dispersion
 
 
@@ -178,6 +178,7 @@ class _TokenStats(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @first_order_only("token_logps_and_entropy")
     def backward(ctx, g_logp: Tensor, g_ent: Tensor) -> tuple[Tensor, None, None, None]:
         logits, targets, lse, ent = ctx.saved_tensors
         N, V = logits.shape

@@ -275,3 +275,66 @@ def test_pairwise_errors_name_the_pairwise_argument(loss_fn):
         loss_fn(x, torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"^ref_chosen_logps: expected shape \(3,\) .*got \(3, 1\)$"):
         loss_fn(x, x, x[:, None], x)
+
+
+# --- item 7: double backward ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", ["mnl", "mallows"])
+def test_gradgradcheck_choice_losses(model, backend):
+    """Second-order gradients of the choice losses, on both backends, in fp64."""
+    ranks = MIXED[VALID].to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(ranks.shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.tensor([0.5, 1.5, 0.7], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    if model == "mnl":
+        inputs, fn = (r,), lambda x: mnl_topk_from_rewards(x, ranks, reduction="none", backend=backend)
+    else:
+
+        def fn(x, v):
+            return mallows_rmj_topk_from_rewards(x, ranks, neg_log_phi=v, reduction="none", backend=backend)
+
+        inputs = (r, w)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_hessian_of_the_choice_losses_agrees_across_backends():
+    ranks = MIXED[VALID].to(DEVICE)
+    r = torch.randn(ranks.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
+    hess = {
+        backend: torch.autograd.functional.hessian(
+            lambda x, b=backend: (
+                mnl_topk_from_rewards(x, ranks, backend=b)
+                + mallows_rmj_topk_from_rewards(x, ranks, neg_log_phi=0.3, backend=b)
+            ),
+            r,
+        )
+        for backend in BACKENDS
+    }
+    torch.testing.assert_close(hess["triton"], hess["torch"], rtol=1e-12, atol=1e-14)
+    assert hess["torch"].abs().sum() > 0
+
+
+def _token_double_backward(path: str, backend: str):
+    from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.tensor([1, 2, -100]).to(DEVICE)
+    if path == "logits":
+        x = torch.randn(3, 7, generator=g).to(DEVICE).requires_grad_()
+        logp, ent = token_logps_and_entropy(x, t, backend=backend)
+    else:
+        x = torch.randn(3, 4, generator=g).to(DEVICE).requires_grad_()
+        W = torch.randn(7, 4, generator=g).to(DEVICE)
+        logp, ent = fused_linear_token_stats(x, W, t, backend=backend)
+    (grad,) = torch.autograd.grad((logp + ent).sum(), x, create_graph=True)
+    return torch.autograd.grad(grad.pow(2).sum(), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["logits", "fused_linear"])
+def test_token_double_backward_raises_one_clear_error(path, backend):
+    name = "token_logps_and_entropy" if path == "logits" else "fused_linear_token_stats"
+    with pytest.raises(RuntimeError, match=rf"^{name}: double backward .* is not supported"):
+        _token_double_backward(path, backend)
