@@ -205,3 +205,13 @@ def no_double_backward(name: str):
         raise RuntimeError(double_backward_message(name))
 
     return backward
+
+
+def check_positive_int(name: str, value: int | None, what: str) -> None:
+    """``None`` or a Python int >= 1 (``what`` says what it counts)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected None or a positive int ({what}), got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: must be a positive number of {what}, got {value}")

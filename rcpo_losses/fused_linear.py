@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._checks import no_double_backward
+from ._checks import check_positive_int, no_double_backward
 from .tokens import (
     ResponseTokenStats,
     _check_target_ids,
@@ -389,8 +389,7 @@ def fused_linear_token_stats(
         logp, ent = fused_linear_token_stats(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
     _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive number of rows, got {chunk_size}")
+    check_positive_int("chunk_size", chunk_size, "rows")
     use_triton = _backend.use_triton(backend, hidden)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -443,6 +442,7 @@ def fused_linear_response_stats(
     """
     if hidden.dim() < 2:
         raise ValueError(f"hidden: expected (*, T, H), got shape {tuple(hidden.shape)}")
+    check_positive_int("num_responses", num_responses, "responses per prompt")
     targets, valid = _completion_targets(labels, mask, ignore_index, shift_labels)
     logp, ent = fused_linear_token_stats(
         hidden,

@@ -104,7 +104,9 @@ def mask_invalid_rows(ranks: Tensor) -> Tensor:
     return torch.where(valid_rows(ranks)[:, None], ranks, IGNORE)
 
 
-def ranks_from_scores(scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+def ranks_from_scores(
+    scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None, *, validate: bool = True
+) -> Tensor:
     """Top-k rank tensor of a score matrix (higher score is better).
 
     ``ranks[b, j] = i`` for the ``i``-th best slot of row ``b`` when ``i < k_b``,
@@ -114,29 +116,47 @@ def ranks_from_scores(scores: Tensor, k: int | Tensor | None = None, mask: Tenso
 
     Args:
         scores: float ``[B, S]``; values at masked slots are never read (NaN allowed).
+            A NaN inside the assortment raises (``validate=True``); ``inf`` and ``-inf``
+            are ordinary scores.
         k: list length, an int or an int ``[B]`` tensor; ``None`` ranks every slot.
             Clipped to ``|S_b|``.
         mask: bool ``[B, S]``, True for slots in the assortment; default all True.
+        validate: check for NaN scores in the assortment (one device sync; skipped under
+            ``torch.compile``). Unvalidated, a NaN score ranks like ``-inf``.
 
     Shape:
         - scores: ``(B, S)``; output: ``(B, S)`` int64.
     """
+    from ._checks import should_sync
+
+    if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
+        raise TypeError(f"scores: expected a float tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
     if scores.dim() != 2:
         raise ValueError(f"scores: expected a [B, S] tensor, got shape {tuple(scores.shape)}")
     B, S = scores.shape
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
-    elif mask.shape != scores.shape:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match scores {tuple(scores.shape)}")
+    elif not isinstance(mask, Tensor) or mask.shape != scores.shape:
+        raise ValueError(f"mask: shape {tuple(getattr(mask, 'shape', ()))} does not match scores {tuple(scores.shape)}")
     mask = mask.to(device=scores.device, dtype=torch.bool)
     n = mask.sum(-1, keepdim=True)
     if k is None:
         k_b = n
     else:
-        k_b = torch.as_tensor(k, device=scores.device).reshape(-1, 1).expand(B, 1)
-        if (k_b < 0).any():
-            raise ValueError("k: must be non-negative")
+        k_b = torch.as_tensor(k, device=scores.device)
+        if k_b.dtype.is_floating_point or k_b.dtype.is_complex or k_b.dtype == torch.bool:
+            raise TypeError(f"k: expected an int or an integer tensor, got {k_b.dtype}")
+        if k_b.numel() not in (1, B):
+            raise ValueError(f"k: expected an int or a [B] = [{B}] tensor, got shape {tuple(k_b.shape)}")
+        k_b = k_b.reshape(-1, 1).expand(B, 1)
+        if should_sync(True) and (k_b < 0).any():
+            raise ValueError(f"k: must be non-negative, got {k_b.reshape(-1).tolist()}")
         k_b = torch.minimum(k_b, n)
+    if should_sync(validate):
+        bad = mask & scores.isnan()
+        if bad.any():
+            b, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"scores[{b}]: slot {j} is in the assortment (mask True) but holds nan")
     # Masked slots sort last; the stable sort on a descending key breaks ties by slot.
     key = torch.where(mask, scores.float() if scores.dtype != torch.float64 else scores, -torch.inf)
     key = torch.where(mask & key.isnan(), -torch.inf, key)
@@ -199,7 +219,7 @@ class PairRanks(NamedTuple):
     ranks: Tensor  # int64 [P, S]: 0 at the winner, UNRANKED at the loser, IGNORE elsewhere
 
 
-def all_pairs(ranks: Tensor) -> PairRanks:
+def all_pairs(ranks: Tensor, *, validate: bool = True) -> PairRanks:
     """Every pairwise preference implied by top-k lists (the paper's DPO-AllPairs).
 
     A top-k list ``y_1 > ... > y_k`` over ``S_b`` implies ``y_i > y_j`` for ``i < j <= k``
@@ -208,9 +228,16 @@ def all_pairs(ranks: Tensor) -> PairRanks:
     ``p = all_pairs(ranks); mnl_topk(policy_logps[p.row], ref_logps[p.row], p.ranks)``
     is DPO on all pairs.
 
+    Rows that are not valid top-k lists raise (``validate=True``, one device sync);
+    unvalidated (and under ``torch.compile``) they yield no pairs.
+
     Shape:
         - ranks: ``(B, S)``; output ``row``: ``(P,)``, ``ranks``: ``(P, S)``.
     """
+    from ._checks import check_ranks
+
+    check_ranks(ranks, validate)
+    ranks = mask_invalid_rows(ranks)
     S = ranks.shape[-1]
     present = in_assortment(ranks)
     ranked = ranks >= 0
@@ -228,12 +255,14 @@ def all_pairs(ranks: Tensor) -> PairRanks:
     return PairRanks(row, pair_ranks)
 
 
-def top_bottom_pair(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+def top_bottom_pair(scores: Tensor, mask: Tensor | None = None, *, validate: bool = True) -> Tensor:
     """Pairwise ranks keeping only the best and the worst response of each row by score.
 
     The common reduction of scored responses to one DPO pair (the paper's pairwise
     setup, appendix G). Ties go to the lower slot index for the best and the higher
     slot index for the worst, so the two differ whenever ``|S_b| >= 2``.
+
+    A NaN score in the assortment raises, as in :func:`ranks_from_scores` (``validate``).
 
     Returns:
         int64 ``[B, S]``: 0 at the best slot, ``UNRANKED`` at the worst, ``IGNORE`` elsewhere.
@@ -241,6 +270,6 @@ def top_bottom_pair(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     Shape:
         - scores: ``(B, S)``; mask: ``(B, S)`` bool, True for slots in the assortment.
     """
-    full = ranks_from_scores(scores, None, mask)
+    full = ranks_from_scores(scores, None, mask, validate=validate)
     n = in_assortment(full).sum(-1, keepdim=True)
     return torch.where(full == 0, 0, torch.where((full == n - 1) & (n >= 2), UNRANKED, IGNORE))

@@ -338,3 +338,158 @@ def test_token_double_backward_raises_one_clear_error(path, backend):
     name = "token_logps_and_entropy" if path == "logits" else "fused_linear_token_stats"
     with pytest.raises(RuntimeError, match=rf"^{name}: double backward .* is not supported"):
         _token_double_backward(path, backend)
+
+
+# --- item 3: entropy_dispersion_from_logits checks the shape of ranks -------------------------
+
+
+def test_entropy_dispersion_from_logits_rejects_transposed_ranks():
+    from rcpo_losses import entropy_dispersion_from_logits
+
+    B, S, T, V = 2, 3, 4, 5
+    logits = torch.randn(B, S, T, V)
+    labels = torch.randint(0, V, (B, S, T))
+    ranks = torch.tensor([[0, UNRANKED, UNRANKED], [1, 0, IGNORE]])
+    assert entropy_dispersion_from_logits(logits, labels, ranks).shape == (B,)
+    # flat (B * S, T, V) logits with (B, S) ranks are fine
+    flat = entropy_dispersion_from_logits(logits.view(B * S, T, V), labels.view(B * S, T), ranks)
+    torch.testing.assert_close(flat, entropy_dispersion_from_logits(logits, labels, ranks))
+    with pytest.raises(ValueError, match=r"^ranks: shape \(3, 2\) does not match the responses of logits"):
+        entropy_dispersion_from_logits(logits, labels, ranks.t().contiguous())
+    with pytest.raises(ValueError, match=r"^ranks: expected a \[B, S\] tensor, got shape \(6,\)"):
+        entropy_dispersion_from_logits(logits.view(B * S, T, V), labels.view(B * S, T), ranks.reshape(-1))
+
+
+# --- item 5: entropy_dispersion validates its inputs ------------------------------------------
+
+
+def _dispersion_inputs():
+    ranks = torch.tensor([[0, UNRANKED, IGNORE], [1, 0, UNRANKED]])
+    h = torch.tensor([[3.0, 2.0, float("nan")], [1.0, 4.0, 2.5]])  # NaN in padding is fine
+    lengths = torch.tensor([[3, 4, -1], [2, 5, 3]])
+    return h, lengths, ranks
+
+
+def test_entropy_dispersion_validates_its_inputs():
+    from rcpo_losses import entropy_dispersion
+
+    h, lengths, ranks = _dispersion_inputs()
+    w = entropy_dispersion(h, lengths, ranks, 50)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    for value, rule in ((float("nan"), "finite and >= 0"), (-1.0, "finite and >= 0"), (float("inf"), "finite")):
+        bad = h.clone()
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match=rf"^entropy_sums\[1\]: slot 2 is in the assortment but holds .*{rule}"):
+            entropy_dispersion(bad, lengths, ranks, 50)
+    bad = lengths.clone()
+    bad[0, 1] = -3
+    with pytest.raises(ValueError, match=r"^lengths\[0\]: slot 1 is in the assortment but holds -3"):
+        entropy_dispersion(h, bad, ranks, 50)
+    for scale in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^scale: must be finite and >= 0"):
+            entropy_dispersion(h, lengths, ranks, 50, variant="mallowspo", scale=scale)
+    with pytest.raises(TypeError, match=r"^scale: expected a Python float"):
+        entropy_dispersion(h, lengths, ranks, 50, scale=torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"^vocab_size"):
+        entropy_dispersion(h, lengths, ranks, 1)
+    with pytest.raises(TypeError, match=r"^entropy_sums: expected a float tensor"):
+        entropy_dispersion(lengths, lengths, ranks, 50)
+    with pytest.raises(ValueError, match=r"^lengths: shape \(3, 2\) does not match ranks \(2, 3\)"):
+        entropy_dispersion(h, lengths.t(), ranks, 50)
+    # unvalidated: no sync, no error (the caller vouches for the values)
+    entropy_dispersion(h.abs(), lengths.abs(), ranks, 50, validate=False)
+
+
+# --- item 6: ranking_metrics and all_pairs check the ranks -----------------------------------
+
+DUPLICATE_TOP = torch.tensor([[0, 0, UNRANKED], [1, 0, UNRANKED]])
+
+
+def test_ranking_metrics_and_all_pairs_check_the_ranks():
+    from rcpo_losses import all_pairs, ranking_metrics
+
+    r = torch.tensor([[1.0, 2.0, 0.0], [0.5, 1.5, -1.0]])
+    with pytest.raises(ValueError, match=r"^ranks\[0\]: ranked entries must be 0..k-1 once each"):
+        ranking_metrics(r, DUPLICATE_TOP)
+    with pytest.raises(ValueError, match=r"^ranks\[0\]: ranked entries must be 0..k-1 once each"):
+        all_pairs(DUPLICATE_TOP)
+    with pytest.raises(ValueError, match=r"^rewards\[1\]: slot 2 is in the assortment"):
+        ranking_metrics(
+            r.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), DUPLICATE_TOP[1:2].expand(2, 3)
+        )
+    # unvalidated: the invalid row is left out, as by the losses
+    metrics = ranking_metrics(r, DUPLICATE_TOP, validate=False)
+    assert metrics == ranking_metrics(r[1:], DUPLICATE_TOP[1:])
+    pairs = all_pairs(DUPLICATE_TOP, validate=False)
+    assert pairs.row.tolist() == [1, 1, 1]
+
+
+# --- item 8: *_discrete checks the shape of ranks first ---------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [mnl_discrete, mallows_rmj_discrete])
+def test_discrete_checks_the_rank_tensor_first(loss_fn):
+    p = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"^ranks: expected a \[B, S\] tensor, got shape \(3,\)"):
+        loss_fn(p[0], None, torch.tensor([0, UNRANKED, UNRANKED]))
+    with pytest.raises(ValueError, match=r"^ranks: expected a \[B, S\] tensor, got shape \(1, 2, 3\)"):
+        loss_fn(p[None], None, torch.zeros(1, 2, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^ranks: expected a torch.Tensor, got list"):
+        loss_fn(p, None, [[0, UNRANKED, UNRANKED]] * 2)
+    with pytest.raises(TypeError, match=r"^ranks: expected an integer tensor"):
+        loss_fn(p, None, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"^ranks\[1\]: single-best \(discrete\) feedback needs k = 1, got k = 2"):
+        loss_fn(p, None, torch.tensor([[0, UNRANKED, UNRANKED], [0, 1, UNRANKED]]))
+
+
+# --- item 9: num_responses must be positive -----------------------------------------------------
+
+
+@pytest.mark.parametrize("num_responses", [0, -2])
+def test_num_responses_must_be_positive(num_responses):
+    from rcpo_losses import fused_linear_response_stats, response_token_stats
+
+    logits, labels = torch.randn(4, 3, 5), torch.randint(0, 5, (4, 3))
+    with pytest.raises(
+        ValueError, match=rf"^num_responses: must be a positive number of responses .*got {num_responses}$"
+    ):
+        response_token_stats(logits, labels, num_responses=num_responses)
+    with pytest.raises(ValueError, match=rf"^num_responses: must be a positive number .*got {num_responses}$"):
+        fused_linear_response_stats(torch.randn(4, 3, 2), torch.randn(5, 2), labels, num_responses=num_responses)
+    with pytest.raises(TypeError, match=r"^num_responses: expected None or a positive int"):
+        response_token_stats(logits, labels, num_responses=2.0)
+
+
+# --- item 11: chunk_size is checked once, before the backend choice ------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_chunk_size_is_checked_on_every_backend(backend, chunk_size, error):
+    from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
+
+    z, t = torch.randn(3, 7).to(DEVICE), torch.tensor([1, 2, -100]).to(DEVICE)
+    with pytest.raises(error, match=r"^chunk_size: "):
+        token_logps_and_entropy(z, t, chunk_size=chunk_size, backend=backend)
+    with pytest.raises(error, match=r"^chunk_size: "):
+        fused_linear_token_stats(
+            torch.randn(3, 4).to(DEVICE), torch.randn(7, 4).to(DEVICE), t, chunk_size=chunk_size, backend=backend
+        )
+
+
+# --- item 12: NaN scores raise -----------------------------------------------------------------
+
+
+def test_nan_scores_in_the_assortment_raise():
+    from rcpo_losses import ranks_from_scores, top_bottom_pair
+
+    scores = torch.tensor([[0.3, float("nan"), 0.1], [0.0, 1.0, float("nan")]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    for fn in (ranks_from_scores, top_bottom_pair):
+        with pytest.raises(ValueError, match=r"^scores\[0\]: slot 1 is in the assortment \(mask True\) but holds nan"):
+            fn(scores, mask=mask)
+        ok = fn(scores[1:], mask=mask[1:])  # NaN only where the mask is False: fine
+        assert ok[0, 2] == IGNORE
+    # unvalidated, a NaN ranks like -inf (documented)
+    assert top_bottom_pair(scores, mask=mask, validate=False)[0].tolist() == [0, UNRANKED, IGNORE]
+    assert ranks_from_scores(torch.tensor([[1.0, -float("inf"), 2.0]])).tolist() == [[1, 2, 0]]
