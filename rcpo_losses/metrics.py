@@ -34,7 +34,8 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor, *, validate: bool = True) ->
     r_top = torch.where(top, r, 0.0).sum(-1)
     best_other = torch.where(others, r, -torch.inf).amax(-1)
     n_other = others.sum(-1).clamp(min=1)
-    mean_other = torch.where(others, r, 0.0).sum(-1) / n_other
+    # means as sums of x / n: a sum of large finite rewards must not overflow before the division
+    mean_other = torch.where(others, r / n_other[:, None], 0.0).sum(-1)
     ranked = ranks >= 0
     implied = (
         ranked[:, :, None]
@@ -42,10 +43,10 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor, *, validate: bool = True) ->
         & ((ranks[:, None, :] == UNRANKED) | (ranks[:, :, None] < ranks[:, None, :]))
     )
     correct = implied & (r[:, :, None] > r[:, None, :])
-    pair_acc = correct.sum((-1, -2)) / implied.sum((-1, -2)).clamp(min=1)
+    pair_acc = correct.sum((-1, -2)).to(r.dtype) / implied.sum((-1, -2)).clamp(min=1)  # fp64 stays fp64
 
     def mean(x: Tensor) -> Tensor:
-        return torch.where(valid, x.to(r.dtype), 0.0).sum() / valid.sum().clamp(min=1)
+        return torch.where(valid, x.to(r.dtype) / valid.sum().clamp(min=1), 0.0).sum()
 
     return {
         "top1_accuracy": mean(r_top > best_other),

@@ -161,6 +161,8 @@ def ranks_from_scores(
     key = torch.where(mask, scores.float() if scores.dtype != torch.float64 else scores, -torch.inf)
     key = torch.where(mask & key.isnan(), -torch.inf, key)
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    # then the assortment before the masked slots, so that a score of -inf never ties with them
+    order = order.gather(-1, torch.argsort((~mask).gather(-1, order).to(torch.uint8), dim=-1, stable=True))
     position = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=scores.device).expand(B, S))
     return torch.where(~mask, IGNORE, torch.where(position < k_b, position, UNRANKED))
 
