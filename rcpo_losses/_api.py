@@ -18,6 +18,11 @@ from .ranks import IGNORE, UNRANKED, in_assortment, list_length, mask_invalid_ro
 from .rewards import compute_dtype, implicit_rewards
 
 
+def masked_ranks(ranks: Tensor, validate: bool) -> Tensor:
+    """``ranks`` after ``check_ranks``: as they are when every row was checked, else invalid rows masked."""
+    return ranks if _checks.should_sync(validate) else mask_invalid_rows(ranks)
+
+
 def _check_rewards_finite(r: Tensor, ranks: Tensor, beta: float, inputs, where) -> None:
     """The eq. 2 rewards are finite on the assortment; if not, name the inputs at fault.
 
@@ -61,7 +66,7 @@ def rewards_from_logps(
             return f"[{b}]: slot {j} is in the assortment (rank {rank}) but holds {v}; mark padding slots IGNORE"
 
         _check_rewards_finite(r, ranks, beta, inputs, where)
-    return r, mask_invalid_rows(ranks)
+    return r, masked_ranks(ranks, validate)
 
 
 def checked_rewards(rewards: Tensor, ranks: Tensor, reduction: str, validate: bool) -> tuple[Tensor, Tensor]:
@@ -72,7 +77,7 @@ def checked_rewards(rewards: Tensor, ranks: Tensor, reduction: str, validate: bo
     r = rewards.to(compute_dtype(rewards))
     if _checks.should_sync(validate):
         _checks.check_finite("rewards", r, ranks)  # fp16/bf16 rewards are finite in fp32 too
-    return r, mask_invalid_rows(ranks)
+    return r, masked_ranks(ranks, validate)
 
 
 def clean_rewards(rewards: Tensor, ranks: Tensor) -> Tensor:
@@ -136,5 +141,7 @@ def discrete_ranks(ranks: Tensor, validate: bool) -> Tensor:
             f"ranks[{b}]: single-best (discrete) feedback needs k = 1, got k = {int(k[b])}; "
             "use the *_topk loss for top-k lists"
         )
+    if _checks.should_sync(validate):
+        return ranks
     ranks = ranks if ranks.dtype.is_signed else ranks.long()
     return torch.where((k == 1)[:, None], ranks, IGNORE)

@@ -239,7 +239,7 @@ def all_pairs(ranks: Tensor, *, validate: bool = True) -> PairRanks:
     from ._checks import check_ranks
 
     check_ranks(ranks, validate)
-    ranks = mask_invalid_rows(ranks)
+    ranks = mask_invalid_rows(ranks)  # a no-op after validation; cheap next to the [B, S, S] below
     S = ranks.shape[-1]
     present = in_assortment(ranks)
     ranked = ranks >= 0
