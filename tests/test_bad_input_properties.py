@@ -24,10 +24,12 @@ from rcpo_losses import (
     all_pairs,
     mallows_rmj_discrete,
     mallows_rmj_log_likelihood,
+    mallows_rmj_pairwise,
     mallows_rmj_topk,
     mallows_rmj_topk_from_rewards,
     mnl_discrete,
     mnl_log_likelihood,
+    mnl_pairwise,
     mnl_topk,
     mnl_topk_from_rewards,
     ranking_metrics,
@@ -41,7 +43,10 @@ W = 0.7  # neg_log_phi
 BETA = 0.5
 FP32_MAX = torch.finfo(torch.float32).max
 CODES = [IGNORE, UNRANKED, UNRANKED, 0, 0, 1, 2, 3, 7, -5, -2]
-NAMED = re.compile(r"^(ranks|policy_logps|ref_logps|rewards|beta|neg_log_phi|scores|mask|k)\b")
+NAMED = re.compile(
+    r"^(ranks|policy_logps|ref_logps|rewards|beta|neg_log_phi|scores|mask|k"
+    r"|policy_chosen_logps|policy_rejected_logps|ref_chosen_logps|ref_rejected_logps)\b"
+)
 
 
 def assert_names_an_argument(error: Exception) -> None:
@@ -388,3 +393,65 @@ def test_score_functions_raise_a_named_error_or_match_the_oracle(case):
         for row, want in zip(tb.tolist(), full, strict=True):
             n = sum(v != IGNORE for v in want)
             assert row == [0 if v == 0 else UNRANKED if (v == n - 1 and n >= 2) else IGNORE for v in want]
+
+
+# --- the pairwise losses ([B] inputs, no ranks) -----------------------------------------------------
+
+
+@st.composite
+def pairs(draw):
+    B = draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = torch.randn(4, B, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.1, 1.0, 30.0]))
+    for _ in range(draw(st.integers(0, 2))):
+        i, b = draw(st.integers(0, 3)), draw(st.integers(0, B - 1))
+        kind = draw(st.sampled_from(["nan", "inf", "overflow"]))
+        if kind == "overflow":
+            x[i, b], x[i ^ 2, b] = 3e38, -3e38  # policy vs ref of the same side
+        else:
+            x[i, b] = float(kind)
+    inputs = list(x.to(dtype).unbind(0))
+    if draw(st.booleans()):
+        inputs[2] = inputs[3] = None
+    shape = draw(st.sampled_from(["ok"] * 6 + ["0-d", "2-d", "short"]))
+    which = draw(st.integers(0, 3))
+    if inputs[which] is not None and shape != "ok":
+        v = inputs[which]
+        inputs[which] = {"0-d": v[0], "2-d": v[:, None], "short": v[:0]}[shape]
+    return inputs
+
+
+@settings(max_examples=50)
+@given(inputs=pairs(), model=st.sampled_from(["mnl", "mallows"]))
+@example(inputs=[torch.zeros(3), torch.tensor([0.0, math.nan, 0.0]), None, None], model="mnl")
+def test_pairwise_losses_raise_a_named_error_or_match_the_oracle(inputs, model):
+    pc, pr, rc, rr = inputs
+    fn = mnl_pairwise if model == "mnl" else lambda *a, **kw: mallows_rmj_pairwise(*a, neg_log_phi=W, **kw)
+    try:
+        out = fn(pc, pr, rc, rr, beta=BETA, reduction="none")
+    except (ValueError, TypeError) as e:
+        assert_names_an_argument(e)
+        assert not str(e).startswith(("policy_logps", "ref_logps")), f"names the stacked [B, 2] tensor: {e}"
+        return
+    assert all(x is None or x.shape == pc.shape and pc.dim() == 1 for x in inputs)
+    refs = (rc, rr) if rc is not None else (torch.zeros_like(pc), torch.zeros_like(pc))
+    fp32 = pc.dtype == torch.float32
+    for b in range(pc.shape[0]):
+        p = [float(pc[b]), float(pr[b])]
+        q = [float(refs[0][b]), float(refs[1][b])]
+        assert all(map(math.isfinite, p + q)), "non-finite input accepted"
+        diffs = [p[0] - q[0], p[1] - q[1]]
+        assert not (fp32 and any(abs(d) > FP32_MAX for d in diffs)), "overflowing reward accepted"
+        if fp32:  # the rewards are computed in fp32
+            diffs = [
+                float(torch.tensor(p[i], dtype=torch.float32) - torch.tensor(q[i], dtype=torch.float32)) for i in (0, 1)
+            ]
+        r = [BETA * d for d in diffs]
+        got = float(out[b])
+        if max(map(abs, r)) > 1e30:  # see _expected: never NaN
+            assert not math.isnan(got)
+            continue
+        want = oracle.mnl_topk_row(r, [0, UNRANKED]) if model == "mnl" else W * oracle.sigmoid(r[1] - r[0])
+        tol = 1e-12 if pc.dtype == torch.float64 else 2e-5
+        assert got == pytest.approx(want, rel=tol, abs=tol)
