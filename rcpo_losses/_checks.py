@@ -1,7 +1,8 @@
-"""Input checks shared by every loss: each error names the argument, the row and the problem.
+"""Input checks shared by every public function: each error names the argument, the row and the problem.
 
 Shape, dtype and device checks are free and always run. Checks that read values need a
 device-to-host sync; they run when ``validate=True`` and never under ``torch.compile``.
+The last helpers give the one error of the token statistics for double backward.
 """
 
 from __future__ import annotations
