@@ -88,6 +88,31 @@ def _mnl_backward(ctx, grad: Tensor):
 mnl_topk_op.register_autograd(_mnl_backward, setup_context=_mnl_setup_context)
 
 
+# Double backward (create_graph=True): the backward op's own derivative, through the PyTorch
+# reference (the specification of both kernels). torch.func.vjp composes with autograd, so
+# higher orders work too. Only second-order use pays for it; the first-order path is the kernel.
+
+
+def _mnl_reference_grad(grad: Tensor, rewards: Tensor, ranks: Tensor) -> Tensor:
+    from .mnl import mnl_topk_nll
+
+    return torch.func.vjp(lambda r: mnl_topk_nll(r, ranks), rewards)[1](grad)[0]
+
+
+def _mnl_backward_setup_context(ctx, inputs, output) -> None:
+    grad, rewards, ranks = inputs
+    ctx.save_for_backward(grad, rewards, ranks)
+
+
+def _mnl_double_backward(ctx, gg: Tensor):
+    grad, rewards, ranks = ctx.saved_tensors
+    _, vjp = torch.func.vjp(lambda g, r: _mnl_reference_grad(g, r, ranks), grad, rewards)
+    return (*vjp(gg), None)
+
+
+mnl_topk_backward_op.register_autograd(_mnl_double_backward, setup_context=_mnl_backward_setup_context)
+
+
 def mnl_topk_rows(rewards: Tensor, ranks: Tensor) -> Tensor:
     """Per-row MNL top-k loss ``[B]`` through the Triton kernel (PyTorch above ``MAX_SLOTS``).
 
@@ -141,6 +166,29 @@ def _mallows_backward(ctx, grad: Tensor):
 
 
 mallows_rmj_topk_op.register_autograd(_mallows_backward, setup_context=_mallows_setup_context)
+
+
+def _mallows_reference_grads(grad: Tensor, rewards: Tensor, ranks: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    from .mallows import mallows_rmj_topk_sum
+
+    return torch.func.vjp(lambda r, v: v * mallows_rmj_topk_sum(r, ranks), rewards, w)[1](grad)
+
+
+def _mallows_backward_setup_context(ctx, inputs, output) -> None:
+    grad, rewards, ranks, w = inputs
+    ctx.save_for_backward(grad, rewards, ranks, w)
+
+
+def _mallows_double_backward(ctx, gg_r: Tensor | None, gg_w: Tensor | None):
+    grad, rewards, ranks, w = ctx.saved_tensors
+    gg_r = torch.zeros_like(rewards) if gg_r is None else gg_r
+    gg_w = torch.zeros_like(w) if gg_w is None else gg_w
+    _, vjp = torch.func.vjp(lambda g, r, v: _mallows_reference_grads(g, r, ranks, v), grad, rewards, w)
+    d_grad, d_rewards, d_w = vjp((gg_r, gg_w))
+    return d_grad, d_rewards, None, d_w
+
+
+mallows_rmj_topk_backward_op.register_autograd(_mallows_double_backward, setup_context=_mallows_backward_setup_context)
 
 
 def mallows_rmj_topk_rows(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:

@@ -7,7 +7,44 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import check_rank_tensor, should_sync
 from .ranks import in_assortment
+
+
+def _check_arguments(entropy_sums, lengths, ranks, vocab_size, variant, scale, min_ratio, validate) -> None:
+    check_rank_tensor(ranks)
+    for name, x in (("entropy_sums", entropy_sums), ("lengths", lengths)):
+        if not isinstance(x, Tensor) or x.dtype == torch.bool or x.dtype.is_complex:
+            raise TypeError(f"{name}: expected a real tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.shape != ranks.shape:
+            raise ValueError(f"{name}: shape {tuple(x.shape)} does not match ranks {tuple(ranks.shape)}")
+        if x.device != ranks.device:
+            raise ValueError(f"{name}: on {x.device} but ranks is on {ranks.device}")
+    if not entropy_sums.dtype.is_floating_point:
+        raise TypeError(f"entropy_sums: expected a float tensor, got {entropy_sums.dtype}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size: must be an int >= 2 (log V is the normaliser), got {vocab_size!r}")
+    if variant not in ("rcpo", "mallowspo"):
+        raise ValueError(f"variant: expected 'rcpo' or 'mallowspo', got {variant!r}")
+    for name, value, ok, rule in (
+        ("scale", scale, lambda v: 0 <= v < math.inf, "finite and >= 0"),
+        ("min_ratio", min_ratio, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+        if not ok(value):
+            raise ValueError(f"{name}: must be {rule}, got {value}")
+    if not should_sync(validate):
+        return
+    present = in_assortment(ranks)
+    for name, x, rule in (
+        ("entropy_sums", entropy_sums.detach(), "finite and >= 0 (sums of entropies)"),
+        ("lengths", lengths, "finite and >= 0 (token counts)"),
+    ):
+        bad = present & ~(torch.isfinite(x) & (x >= 0))
+        if bad.any():
+            b, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"{name}[{b}]: slot {j} is in the assortment but holds {x[b, j].item()}; must be {rule}")
 
 
 def entropy_dispersion(
@@ -20,6 +57,7 @@ def entropy_dispersion(
     scale: float = 1.0,
     min_ratio: float = 1e-6,
     detach: bool = True,
+    validate: bool = True,
 ) -> Tensor:
     r"""Entropy proxy of the Mallows dispersion weight ``-log phi(x)``, one per prompt.
 
@@ -50,21 +88,13 @@ def entropy_dispersion(
         scale: ``c`` (``"mallowspo"`` only; the ``"rcpo"`` weight has no scale).
         min_ratio: the clamp.
         detach: return a weight without gradient (the default: a weight, not a loss).
+        validate: check that the entropy sums are finite and >= 0 and the lengths >= 0 on
+            the assortment (one device sync; skipped under ``torch.compile``).
 
     Shape:
         - entropy_sums, lengths, ranks: ``(B, S)``; output: ``(B,)`` fp32 (fp64 for fp64).
     """
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size: must be >= 2 (log V is the normaliser), got {vocab_size}")
-    if variant not in ("rcpo", "mallowspo"):
-        raise ValueError(f"variant: expected 'rcpo' or 'mallowspo', got {variant!r}")
-    if not 0 < min_ratio <= 1:
-        raise ValueError(f"min_ratio: must be in (0, 1], got {min_ratio}")
-    if entropy_sums.shape != ranks.shape or lengths.shape != ranks.shape:
-        raise ValueError(
-            f"entropy_sums, lengths: shapes {tuple(entropy_sums.shape)}, {tuple(lengths.shape)} "
-            f"must match ranks {tuple(ranks.shape)}"
-        )
+    _check_arguments(entropy_sums, lengths, ranks, vocab_size, variant, scale, min_ratio, validate)
     dtype = torch.float64 if entropy_sums.dtype == torch.float64 else torch.float32
     h = entropy_sums.detach() if detach else entropy_sums
     present = in_assortment(ranks)

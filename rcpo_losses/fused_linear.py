@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._checks import check_positive_int, no_double_backward
 from .tokens import (
     ResponseTokenStats,
     _check_target_ids,
@@ -169,7 +170,8 @@ def fused_linear_token_stats_backward_op(
     V = weight.shape[0]
     dtype = lse.dtype
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    # contiguous whatever hidden's strides, as the fake says (empty_like would keep a transposed layout)
+    grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight else None
     need_bias = need_bias and bias is not None
     grad_b = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None
@@ -287,6 +289,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 
 
 fused_linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+fused_linear_token_stats_backward_op.register_autograd(no_double_backward("fused_linear_token_stats"))
 
 
 def _check_fused_inputs(
@@ -386,8 +389,7 @@ def fused_linear_token_stats(
         logp, ent = fused_linear_token_stats(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
     _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive number of rows, got {chunk_size}")
+    check_positive_int("chunk_size", chunk_size, "rows")
     use_triton = _backend.use_triton(backend, hidden)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -440,6 +442,7 @@ def fused_linear_response_stats(
     """
     if hidden.dim() < 2:
         raise ValueError(f"hidden: expected (*, T, H), got shape {tuple(hidden.shape)}")
+    check_positive_int("num_responses", num_responses, "responses per prompt")
     targets, valid = _completion_targets(labels, mask, ignore_index, shift_labels)
     logp, ent = fused_linear_token_stats(
         hidden,

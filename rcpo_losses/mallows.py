@@ -94,8 +94,8 @@ def mallows_rmj_topk_from_rewards(
         - rewards, ranks: ``(B, S)``; neg_log_phi: float or ``(B,)``.
         - output: scalar, or ``(B,)`` for ``reduction="none"``.
     """
-    r = _api.checked_rewards(rewards, ranks, reduction, validate)
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate)
+    r, ranks = _api.checked_rewards(rewards, ranks, reduction, validate)
+    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
     return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
 
 
@@ -132,8 +132,8 @@ def mallows_rmj_topk(
         - policy_logps, ref_logps, ranks: ``(B, S)``; neg_log_phi: float or ``(B,)``.
         - output: scalar in fp32 (fp64 for fp64 inputs), or ``(B,)`` for ``"none"``.
     """
-    r = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate)
+    r, ranks = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
+    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
     return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
 
 
@@ -157,7 +157,7 @@ def mallows_rmj_discrete(
     Shape:
         - policy_logps, ref_logps, ranks: ``(B, S)``; output: scalar or ``(B,)``.
     """
-    _api.check_discrete(ranks, validate)
+    ranks = _api.discrete_ranks(ranks, validate)
     return mallows_rmj_topk(
         policy_logps,
         ref_logps,
@@ -189,19 +189,11 @@ def mallows_rmj_pairwise(
     Shape:
         - each log-prob input: ``(B,)``; output: scalar, or ``(B,)`` for ``"none"``.
     """
-    policy, ref, ranks = _api.pairwise_batch(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    r, ranks = _api.pairwise_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction, validate
     )
-    return mallows_rmj_topk(
-        policy,
-        ref,
-        ranks,
-        beta=beta,
-        neg_log_phi=neg_log_phi,
-        reduction=reduction,
-        backend=backend,
-        validate=validate,
-    )
+    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
+    return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
 
 
 def log_q_factorial_ratio(n: Tensor, m: Tensor, neg_log_phi: Tensor, size: int) -> Tensor:
@@ -238,8 +230,8 @@ def mallows_rmj_log_likelihood(
         - rewards, ranks: ``(B, S)``; neg_log_phi: float or ``(B,)``.
         - output: ``(B,)`` fp32 (fp64 for fp64 rewards).
     """
-    r = _api.checked_rewards(rewards, ranks, "none", validate)
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate)
+    r, ranks = _api.checked_rewards(rewards, ranks, "none", validate)
+    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
     r = _api.clean_rewards(r, ranks)
     w = _weight(neg_log_phi, r)
     c = comparisons(r, ranks)

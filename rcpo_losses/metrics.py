@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._api import clean_rewards
+from ._api import checked_rewards, clean_rewards
 from .ranks import UNRANKED, in_assortment, valid_rows
 
 
 @torch.no_grad()
-def ranking_metrics(rewards: Tensor, ranks: Tensor) -> dict[str, Tensor]:
+def ranking_metrics(rewards: Tensor, ranks: Tensor, *, validate: bool = True) -> dict[str, Tensor]:
     """Accuracies and margins of rewards against top-k feedback, averaged over valid rows.
 
     - ``top1_accuracy``: the pick ``y_1`` has the strictly highest reward of its row.
@@ -19,10 +19,14 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor) -> dict[str, Tensor]:
     - ``top_reward``, ``other_reward``: mean reward of ``y_1`` and of the other responses.
     - ``margin``: ``top_reward - other_reward``, per row then averaged.
 
+    ``ranks`` and ``rewards`` are checked as by the losses (``validate=True``: one device
+    sync per check); unvalidated, rows that are not valid top-k lists are left out.
+
     Shape:
         - rewards, ranks: ``(B, S)``; each output is a 0-dim detached fp32 (fp64) tensor.
     """
-    r = clean_rewards(rewards, ranks)
+    r, ranks = checked_rewards(rewards, ranks, "none", validate)
+    r = clean_rewards(r, ranks)
     present = in_assortment(ranks)
     valid = valid_rows(ranks)
     top = ranks == 0
@@ -30,7 +34,8 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor) -> dict[str, Tensor]:
     r_top = torch.where(top, r, 0.0).sum(-1)
     best_other = torch.where(others, r, -torch.inf).amax(-1)
     n_other = others.sum(-1).clamp(min=1)
-    mean_other = torch.where(others, r, 0.0).sum(-1) / n_other
+    # means as sums of x / n: a sum of large finite rewards must not overflow before the division
+    mean_other = torch.where(others, r / n_other[:, None], 0.0).sum(-1)
     ranked = ranks >= 0
     implied = (
         ranked[:, :, None]
@@ -38,10 +43,10 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor) -> dict[str, Tensor]:
         & ((ranks[:, None, :] == UNRANKED) | (ranks[:, :, None] < ranks[:, None, :]))
     )
     correct = implied & (r[:, :, None] > r[:, None, :])
-    pair_acc = correct.sum((-1, -2)) / implied.sum((-1, -2)).clamp(min=1)
+    pair_acc = correct.sum((-1, -2)).to(r.dtype) / implied.sum((-1, -2)).clamp(min=1)  # fp64 stays fp64
 
     def mean(x: Tensor) -> Tensor:
-        return torch.where(valid, x.to(r.dtype), 0.0).sum() / valid.sum().clamp(min=1)
+        return torch.where(valid, x.to(r.dtype) / valid.sum().clamp(min=1), 0.0).sum()
 
     return {
         "top1_accuracy": mean(r_top > best_other),

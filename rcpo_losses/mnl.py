@@ -67,7 +67,7 @@ def mnl_topk_from_rewards(
         - rewards: ``(B, S)``; ranks: ``(B, S)`` int.
         - output: scalar, or ``(B,)`` for ``reduction="none"``.
     """
-    r = _api.checked_rewards(rewards, ranks, reduction, validate)
+    r, ranks = _api.checked_rewards(rewards, ranks, reduction, validate)
     return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
 
 
@@ -105,7 +105,7 @@ def mnl_topk(
         - policy_logps, ref_logps, ranks: ``(B, S)``.
         - output: scalar in fp32 (fp64 for fp64 inputs), or ``(B,)`` for ``"none"``.
     """
-    r = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
+    r, ranks = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
     return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
 
 
@@ -130,7 +130,7 @@ def mnl_discrete(
     Shape:
         - policy_logps, ref_logps, ranks: ``(B, S)``; output: scalar or ``(B,)``.
     """
-    _api.check_discrete(ranks, validate)
+    ranks = _api.discrete_ranks(ranks, validate)
     return mnl_topk(policy_logps, ref_logps, ranks, beta=beta, reduction=reduction, backend=backend, validate=validate)
 
 
@@ -155,10 +155,10 @@ def mnl_pairwise(
     Shape:
         - each input: ``(B,)``; output: scalar, or ``(B,)`` for ``"none"``.
     """
-    policy, ref, ranks = _api.pairwise_batch(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    r, ranks = _api.pairwise_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction, validate
     )
-    return mnl_topk(policy, ref, ranks, beta=beta, reduction=reduction, backend=backend, validate=validate)
+    return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
 
 
 def mnl_log_likelihood(rewards: Tensor, ranks: Tensor, *, validate: bool = True) -> Tensor:
@@ -173,5 +173,5 @@ def mnl_log_likelihood(rewards: Tensor, ranks: Tensor, *, validate: bool = True)
     Shape:
         - rewards, ranks: ``(B, S)``; output: ``(B,)`` fp32 (fp64 for fp64 rewards).
     """
-    r = _api.checked_rewards(rewards, ranks, "none", validate)
+    r, ranks = _api.checked_rewards(rewards, ranks, "none", validate)
     return -mnl_topk_nll(r, ranks)

@@ -43,16 +43,70 @@ def order_by_rank(ranks: Tensor) -> Tensor:
     return torch.argsort(key, dim=-1, stable=True)
 
 
+class RowChecks(NamedTuple):
+    """What :func:`row_checks` finds in each row of a rank tensor (all computed on device, no sync)."""
+
+    n: Tensor  # int64 [B]: |S_b|
+    k: Tensor  # int64 [B]: k_b, the number of entries >= 0
+    illegal: Tensor  # bool [B]: an entry is not >= 0, UNRANKED or IGNORE
+    too_small: Tensor  # bool [B]: fewer than two responses
+    no_pick: Tensor  # bool [B]: no ranked response
+    not_a_list: Tensor  # bool [B]: the ranked entries are not 0..k-1 once each
+
+    @property
+    def valid(self) -> Tensor:
+        return ~(self.illegal | self.too_small | self.no_pick | self.not_a_list)
+
+
+def row_checks(ranks: Tensor) -> RowChecks:
+    """Per-row validity of a ``[B, S]`` rank tensor: the one definition of a valid row.
+
+    ``_checks.check_ranks`` raises on the first invalid row (``validate=True``);
+    :func:`valid_rows` and :func:`mask_invalid_rows` use the same flags without a sync.
+    """
+    B, S = ranks.shape
+    r = ranks.long()
+    n = in_assortment(r).sum(-1)
+    k = list_length(r)
+    # Ranks 0..k-1 once each: count each value; ranks >= S land in column S (where none
+    # may be), entries that are not picks in column S + 1 (ignored).
+    idx = torch.where(r >= 0, r.clamp(max=S), S + 1)
+    counts = torch.zeros(B, S + 2, dtype=torch.int64, device=r.device).scatter_add_(1, idx, torch.ones_like(idx))
+    want = (torch.arange(S + 1, device=r.device) < k[:, None]).long()
+    return RowChecks(
+        n=n,
+        k=k,
+        illegal=~((r >= 0) | (r == UNRANKED) | (r == IGNORE)).all(-1),
+        too_small=n < 2,
+        no_pick=k == 0,
+        not_a_list=(counts[:, : S + 1] != want).any(-1),
+    )
+
+
 def valid_rows(ranks: Tensor) -> Tensor:
-    """Bool ``[B]``: rows with at least two responses and one ranked response.
+    """Bool ``[B]``: rows that hold a valid top-k list (see :func:`row_checks`).
 
     Reductions average over these rows. With ``validate=True`` every row must be valid;
-    with ``validate=False`` an invalid row gets loss 0 and is left out of the mean.
+    with ``validate=False`` (and under ``torch.compile``) an invalid row gets loss 0 and
+    is left out of the mean.
     """
-    return (assortment_size(ranks) >= 2) & (list_length(ranks) >= 1)
+    return row_checks(ranks).valid
 
 
-def ranks_from_scores(scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+def mask_invalid_rows(ranks: Tensor) -> Tensor:
+    """``ranks`` with every invalid row turned into all-``IGNORE`` (on device, no sync).
+
+    Applied before any backend runs, so that the Triton kernels and the PyTorch reference
+    see the same input: an invalid row then has no response, hence loss 0, gradient 0,
+    and no place in the mean.
+    """
+    ranks = ranks if ranks.dtype.is_signed else ranks.long()  # uint8 cannot hold IGNORE
+    return torch.where(valid_rows(ranks)[:, None], ranks, IGNORE)
+
+
+def ranks_from_scores(
+    scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None, *, validate: bool = True
+) -> Tensor:
     """Top-k rank tensor of a score matrix (higher score is better).
 
     ``ranks[b, j] = i`` for the ``i``-th best slot of row ``b`` when ``i < k_b``,
@@ -62,33 +116,53 @@ def ranks_from_scores(scores: Tensor, k: int | Tensor | None = None, mask: Tenso
 
     Args:
         scores: float ``[B, S]``; values at masked slots are never read (NaN allowed).
+            A NaN inside the assortment raises (``validate=True``); ``inf`` and ``-inf``
+            are ordinary scores.
         k: list length, an int or an int ``[B]`` tensor; ``None`` ranks every slot.
             Clipped to ``|S_b|``.
         mask: bool ``[B, S]``, True for slots in the assortment; default all True.
+        validate: check for NaN scores in the assortment (one device sync; skipped under
+            ``torch.compile``). Unvalidated, a NaN score ranks like ``-inf``.
 
     Shape:
         - scores: ``(B, S)``; output: ``(B, S)`` int64.
     """
+    from ._checks import should_sync
+
+    if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
+        raise TypeError(f"scores: expected a float tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
     if scores.dim() != 2:
         raise ValueError(f"scores: expected a [B, S] tensor, got shape {tuple(scores.shape)}")
     B, S = scores.shape
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
-    elif mask.shape != scores.shape:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match scores {tuple(scores.shape)}")
+    elif not isinstance(mask, Tensor) or mask.shape != scores.shape:
+        raise ValueError(f"mask: shape {tuple(getattr(mask, 'shape', ()))} does not match scores {tuple(scores.shape)}")
     mask = mask.to(device=scores.device, dtype=torch.bool)
     n = mask.sum(-1, keepdim=True)
     if k is None:
         k_b = n
     else:
-        k_b = torch.as_tensor(k, device=scores.device).reshape(-1, 1).expand(B, 1)
-        if (k_b < 0).any():
-            raise ValueError("k: must be non-negative")
+        k_b = torch.as_tensor(k, device=scores.device)
+        if k_b.dtype.is_floating_point or k_b.dtype.is_complex or k_b.dtype == torch.bool:
+            raise TypeError(f"k: expected an int or an integer tensor, got {k_b.dtype}")
+        if k_b.numel() not in (1, B):
+            raise ValueError(f"k: expected an int or a [B] = [{B}] tensor, got shape {tuple(k_b.shape)}")
+        k_b = k_b.reshape(-1, 1).expand(B, 1)
+        if should_sync(True) and (k_b < 0).any():
+            raise ValueError(f"k: must be non-negative, got {k_b.reshape(-1).tolist()}")
         k_b = torch.minimum(k_b, n)
+    if should_sync(validate):
+        bad = mask & scores.isnan()
+        if bad.any():
+            b, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"scores[{b}]: slot {j} is in the assortment (mask True) but holds nan")
     # Masked slots sort last; the stable sort on a descending key breaks ties by slot.
     key = torch.where(mask, scores.float() if scores.dtype != torch.float64 else scores, -torch.inf)
     key = torch.where(mask & key.isnan(), -torch.inf, key)
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    # then the assortment before the masked slots, so that a score of -inf never ties with them
+    order = order.gather(-1, torch.argsort((~mask).gather(-1, order).to(torch.uint8), dim=-1, stable=True))
     position = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=scores.device).expand(B, S))
     return torch.where(~mask, IGNORE, torch.where(position < k_b, position, UNRANKED))
 
@@ -147,7 +221,7 @@ class PairRanks(NamedTuple):
     ranks: Tensor  # int64 [P, S]: 0 at the winner, UNRANKED at the loser, IGNORE elsewhere
 
 
-def all_pairs(ranks: Tensor) -> PairRanks:
+def all_pairs(ranks: Tensor, *, validate: bool = True) -> PairRanks:
     """Every pairwise preference implied by top-k lists (the paper's DPO-AllPairs).
 
     A top-k list ``y_1 > ... > y_k`` over ``S_b`` implies ``y_i > y_j`` for ``i < j <= k``
@@ -156,9 +230,16 @@ def all_pairs(ranks: Tensor) -> PairRanks:
     ``p = all_pairs(ranks); mnl_topk(policy_logps[p.row], ref_logps[p.row], p.ranks)``
     is DPO on all pairs.
 
+    Rows that are not valid top-k lists raise (``validate=True``, one device sync);
+    unvalidated (and under ``torch.compile``) they yield no pairs.
+
     Shape:
         - ranks: ``(B, S)``; output ``row``: ``(P,)``, ``ranks``: ``(P, S)``.
     """
+    from ._checks import check_ranks
+
+    check_ranks(ranks, validate)
+    ranks = mask_invalid_rows(ranks)  # a no-op after validation; cheap next to the [B, S, S] below
     S = ranks.shape[-1]
     present = in_assortment(ranks)
     ranked = ranks >= 0
@@ -176,12 +257,14 @@ def all_pairs(ranks: Tensor) -> PairRanks:
     return PairRanks(row, pair_ranks)
 
 
-def top_bottom_pair(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+def top_bottom_pair(scores: Tensor, mask: Tensor | None = None, *, validate: bool = True) -> Tensor:
     """Pairwise ranks keeping only the best and the worst response of each row by score.
 
     The common reduction of scored responses to one DPO pair (the paper's pairwise
     setup, appendix G). Ties go to the lower slot index for the best and the higher
     slot index for the worst, so the two differ whenever ``|S_b| >= 2``.
+
+    A NaN score in the assortment raises, as in :func:`ranks_from_scores` (``validate``).
 
     Returns:
         int64 ``[B, S]``: 0 at the best slot, ``UNRANKED`` at the worst, ``IGNORE`` elsewhere.
@@ -189,6 +272,6 @@ def top_bottom_pair(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     Shape:
         - scores: ``(B, S)``; mask: ``(B, S)`` bool, True for slots in the assortment.
     """
-    full = ranks_from_scores(scores, None, mask)
+    full = ranks_from_scores(scores, None, mask, validate=validate)
     n = in_assortment(full).sum(-1, keepdim=True)
     return torch.where(full == 0, 0, torch.where((full == n - 1) & (n >= 2), UNRANKED, IGNORE))

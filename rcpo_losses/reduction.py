@@ -10,8 +10,9 @@ from .ranks import valid_rows
 def reduce_rows(losses: Tensor, ranks: Tensor, reduction: str) -> Tensor:
     """Reduce per-row losses ``[B]``: ``"mean"`` over valid rows, ``"sum"``, or ``"none"``.
 
-    A row is valid when it has two responses and a ranked one (always, once
-    ``validate=True`` has passed); an invalid row contributes 0 and is not counted.
+    A row is valid when it holds a top-k list (``ranks.row_checks``; always, once
+    ``validate=True`` has passed); an invalid row contributes 0 and is not counted. The
+    losses mask invalid rows to all-``IGNORE`` before this, so their losses are 0 already.
     The mean divides by the number of valid rows of *this* call: under data
     parallelism each rank averages its own rows (see docs/integration.md).
     """

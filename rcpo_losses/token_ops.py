@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import no_double_backward
+
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -78,6 +80,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 
 
 token_stats.register_autograd(_backward, setup_context=_setup_context)
+token_stats_backward.register_autograd(no_double_backward("token_logps_and_entropy"))
 
 
 def token_logps_and_entropy_triton(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._checks import should_sync
+from ._checks import check_positive_int, check_rank_tensor, first_order_only, should_sync
 from .dispersion import entropy_dispersion
 
 
@@ -55,9 +55,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _chunk_rows(chunk_size: int | None, V: int) -> int:
     if chunk_size is None:
         return max(1, CHUNK_ELEMENTS // max(V, 1))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive number of rows, got {chunk_size}")
-    return chunk_size
+    return chunk_size  # checked by token_logps_and_entropy
 
 
 def _safe_targets(targets: Tensor, valid: Tensor, V: int) -> Tensor:
@@ -178,6 +176,7 @@ class _TokenStats(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @first_order_only("token_logps_and_entropy")
     def backward(ctx, g_logp: Tensor, g_ent: Tensor) -> tuple[Tensor, None, None, None]:
         logits, targets, lse, ent = ctx.saved_tensors
         N, V = logits.shape
@@ -282,6 +281,7 @@ def token_logps_and_entropy(
         - logits: ``(*, V)``; targets: ``(*)``; outputs: ``(*)``, e.g. ``(B, T)`` from ``(B, T, V)``.
     """
     _check_token_inputs(logits, targets, ignore_index, validate)
+    check_positive_int("chunk_size", chunk_size, "rows")
     shape = targets.shape
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
@@ -371,6 +371,7 @@ def response_token_stats(
     """
     if logits.dim() < 2:
         raise ValueError(f"logits: expected (*, T, V), got shape {tuple(logits.shape)}")
+    check_positive_int("num_responses", num_responses, "responses per prompt")
     targets, valid = _completion_targets(labels, mask, ignore_index, shift_labels)
     logp, ent = token_logps_and_entropy(
         logits, targets, ignore_index, chunk_size=chunk_size, backend=backend, validate=validate
@@ -430,6 +431,13 @@ def entropy_dispersion_from_logits(
           labels, mask: the same without ``V``; ranks: ``(B, S)``.
         - output: ``(B,)`` fp32 (fp64 for fp64 logits).
     """
+    check_rank_tensor(ranks)
+    lead = tuple(logits.shape[:-2])  # (B, S) or (B * S,)
+    if lead != tuple(ranks.shape) and (len(lead) != 1 or lead[0] != ranks.numel()):
+        raise ValueError(
+            f"ranks: shape {tuple(ranks.shape)} does not match the responses of logits {tuple(logits.shape)}: "
+            "expected (B, S) for (B, S, T, V) logits, or (B, S) with B * S = N for (N, T, V) logits"
+        )
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         stats = response_token_stats(
             logits,
@@ -441,10 +449,6 @@ def entropy_dispersion_from_logits(
             backend=backend,
             validate=validate,
         )
-    if stats.lengths.numel() != ranks.numel():
-        raise ValueError(
-            f"ranks: shape {tuple(ranks.shape)} does not match the responses of logits {tuple(logits.shape)}"
-        )
     return entropy_dispersion(
         stats.entropy_sums.reshape(ranks.shape),
         stats.lengths.reshape(ranks.shape),
@@ -454,4 +458,5 @@ def entropy_dispersion_from_logits(
         scale=scale,
         min_ratio=min_ratio,
         detach=detach,
+        validate=validate,
     )

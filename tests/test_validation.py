@@ -129,7 +129,7 @@ def test_pairwise_shapes():
         mnl_pairwise(torch.zeros(4), torch.zeros(5))
     with pytest.raises(ValueError, match="ref_chosen_logps, ref_rejected_logps: pass both or neither"):
         mallows_rmj_pairwise(torch.zeros(4), torch.zeros(4), torch.zeros(4))
-    with pytest.raises(ValueError, match=r"policy_chosen_logps: expected shape"):
+    with pytest.raises(ValueError, match=r"policy_chosen_logps: expected a \[B\] tensor, got shape \(4, 2\)"):
         mnl_pairwise(torch.zeros(4, 2), torch.zeros(4, 2))
 
 
