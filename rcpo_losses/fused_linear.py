@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import _backend
 from .tokens import (
+    LogitTransform,
     ResponseTokenStats,
     _check_target_ids,
     _chunk_logits_grad,
@@ -38,6 +39,7 @@ from .tokens import (
     _compute_dtype,
     _response_sums,
     _Workspace,
+    transform_from_args,
 )
 
 # Default chunk: about N / ceil(V / H) rows, so that a chunk of logits holds about as many
@@ -105,8 +107,15 @@ def fused_linear_token_stats_op(
     chunk: int,
     use_triton: bool,
     entropy: bool,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)``, each ``[N]``, of the logits ``hidden @ weight.T + bias`` (``chunk=0``: auto)."""
+    """``(logp, entropy, lse)``, each ``[N]``, of the logits ``hidden @ weight.T + bias`` (``chunk=0``: auto).
+
+    The statistics are of the transformed logits (see :class:`rcpo_losses.tokens.LogitTransform`;
+    ``softcap=0``: none).
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     dtype = _compute_dtype(hidden.dtype)
@@ -123,11 +132,14 @@ def fused_linear_token_stats_op(
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             z = _linear(hidden[a:b], weight, bias, buf[: b - a])
-            logp[a:b], ent_c, lse[a:b] = token_stats(z, targets[a:b], ignore_index, 0)
+            logp[a:b], ent_c, lse[a:b] = token_stats(
+                z, targets[a:b], ignore_index, 0, softcap, logit_scale, temperature
+            )
             if entropy:
                 ent[a:b] = ent_c
         return logp, ent, lse
-    work = _Workspace(buf, chunk, dtype)
+    transform = transform_from_args(softcap, logit_scale, temperature)
+    work = _Workspace(buf, chunk, dtype, transform, writable=True)
     for a in range(0, N, chunk):
         b = min(a + chunk, N)
         _linear(hidden[a:b], weight, bias, buf[: b - a])
@@ -137,7 +149,7 @@ def fused_linear_token_stats_op(
 
 
 @fused_linear_token_stats_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy):
+def _(hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform):
     N = hidden.shape[0]
     dtype = _compute_dtype(hidden.dtype)
     return tuple(hidden.new_empty((N,), dtype=dtype) for _ in range(3))
@@ -160,6 +172,9 @@ def fused_linear_token_stats_backward_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy)``.
 
@@ -185,7 +200,8 @@ def fused_linear_token_stats_backward_op(
 
             g_ent_k = torch.zeros_like(g_logp) if g_ent is None else g_ent
         else:
-            work = _Workspace(buf, chunk, dtype)
+            transform = transform_from_args(softcap, logit_scale, temperature)
+            work = _Workspace(buf, chunk, dtype, transform, writable=True)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             h = hidden[a:b]
@@ -193,7 +209,17 @@ def fused_linear_token_stats_backward_op(
             g_acc = None
             if use_triton:
                 g = token_stats_backward(
-                    z, targets[a:b], lse[a:b], ent[a:b], g_logp[a:b], g_ent_k[a:b], ignore_index, 0
+                    z,
+                    targets[a:b],
+                    lse[a:b],
+                    ent[a:b],
+                    g_logp[a:b],
+                    g_ent_k[a:b],
+                    ignore_index,
+                    0,
+                    softcap,
+                    logit_scale,
+                    temperature,
                 )
             else:
                 zc, log_p, p = work.rows(buf, 0, b - a)
@@ -207,6 +233,7 @@ def fused_linear_token_stats_backward_op(
                     ent[a:b],
                     g_logp[a:b],
                     None if g_ent is None else g_ent[a:b],
+                    transform,
                 )
                 if g.dtype != z.dtype:
                     g_acc, g = g, z.copy_(g)  # bf16/fp16: the logits buffer becomes the logits gradient
@@ -238,6 +265,7 @@ def _(
     need_hidden,
     need_weight,
     need_bias,
+    *transform,
 ):
     grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     grad_w = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
@@ -246,10 +274,11 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy = inputs
+    hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     ctx.args = (ignore_index, chunk, use_triton, entropy)
+    ctx.transform = tuple(transform)
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -273,11 +302,15 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
         need_hidden,
         need_weight,
         need_bias and bias is not None,
+        *ctx.transform,
     )
     return (
         grad_h if need_hidden else None,
         grad_w if need_weight else None,
         grad_b if need_bias and bias is not None else None,
+        None,
+        None,
+        None,
         None,
         None,
         None,
@@ -335,12 +368,20 @@ def fused_linear_token_stats(
     entropy: bool = True,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token target log-prob and entropy of ``hidden @ weight.T + bias``, without holding the logits.
 
     .. math::
-        z = h W^\top + b, \qquad \log p_t = z_t - \log \sum_v e^{z_v}, \qquad
-        H = -\sum_v p_v \log p_v
+        z = h W^\top + b, \qquad \log p_t = z'_t - \log \sum_v e^{z'_v}, \qquad
+        H = -\sum_v p_v \log p_v, \quad p = \operatorname{softmax}(z')
+
+    where :math:`z' = c \tanh(a z / c) / T` is the model's output transform (``softcap``
+    ``c``, ``logit_scale`` ``a``, ``temperature`` ``T``; :math:`z' = a z / T` without a
+    cap), applied to each chunk of logits inside the pass; :func:`rcpo_losses.lm_head_spec`
+    reads ``weight``, ``bias``, ``softcap`` and ``logit_scale`` from a Hugging Face model.
 
     Equal to ``token_logps_and_entropy(hidden @ weight.T + bias, targets)``, with gradients
     to ``hidden``, ``weight`` and ``bias`` through both outputs, but the ``[N, V]`` logits
@@ -373,6 +414,8 @@ def fused_linear_token_stats(
             in the same pass anyway.
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
         validate: check the target ids (a device-to-host sync; skipped under ``torch.compile``).
+        softcap, logit_scale, temperature: the logit transform, as in
+            :func:`rcpo_losses.token_logps_and_entropy` (Gemma-2: ``softcap=30``).
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 inputs).
@@ -386,13 +429,17 @@ def fused_linear_token_stats(
         logp, ent = fused_linear_token_stats(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
     _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate)
+    transform = LogitTransform.make(softcap, logit_scale, temperature)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive number of rows, got {chunk_size}")
     use_triton = _backend.use_triton(backend, hidden)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).long().contiguous()
-    logp, ent, _ = fused_linear_token_stats_op(h, weight, bias, t, ignore_index, chunk_size or 0, use_triton, entropy)
+    args = () if transform is None else transform.args()
+    logp, ent, _ = fused_linear_token_stats_op(
+        h, weight, bias, t, ignore_index, chunk_size or 0, use_triton, entropy, *args
+    )
     return logp.reshape(shape), ent.reshape(shape)
 
 
@@ -410,6 +457,9 @@ def fused_linear_response_stats(
     entropy: bool = True,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ) -> ResponseTokenStats:
     r"""Sequence log-probs, entropy sums and lengths of responses, from final hidden states and the LM head.
 
@@ -426,6 +476,7 @@ def fused_linear_response_stats(
         weight: ``(V, H)`` (``model.lm_head.weight``); bias: optional ``(V,)``.
         labels, mask, shift_labels, num_responses, ignore_index: as in :func:`response_token_stats`.
         chunk_size, entropy, backend, validate: as in :func:`fused_linear_token_stats`.
+        softcap, logit_scale, temperature: the logit transform, as in :func:`fused_linear_token_stats`.
 
     Shape:
         - hidden: ``(*, T, H)``; labels, mask: ``(*, T)``.
@@ -451,5 +502,8 @@ def fused_linear_response_stats(
         entropy=entropy,
         backend=backend,
         validate=validate,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        temperature=temperature,
     )
     return _response_sums(logp, ent, valid, num_responses, "hidden", hidden.shape)
