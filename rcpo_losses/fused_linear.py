@@ -25,6 +25,9 @@ nodes.
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 from torch import Tensor
 
@@ -93,6 +96,50 @@ def _accumulate_grad_weight(acc: Tensor, g: Tensor, h: Tensor, g_acc: Tensor | N
     acc.add_(torch.mm(g.t(), h))  # one [V, H] temporary in the parameters' dtype, summed in fp32
 
 
+# CPUs without a bf16/fp16 matrix unit (AVX2-only x86) run some bf16 products on a slow
+# fallback: ``[128, 32000] @ [32000, 512]`` took 6.5 s there against 0.04 s in fp32. On such a
+# CPU the PyTorch path does its chunk matmuls on fp32 operands (one fp32 copy of the weight and
+# bias per pass, the size of the fp32 gradient accumulator; the hidden states converted one
+# chunk at a time), which also makes the chunk's logits fp32 directly. None: probe (once per
+# dtype and process); True/False: force it on or off.
+CPU_FP32_MATMUL: bool | None = None
+
+
+@functools.cache
+def _slow_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Probe: is ``[128, 2048] @ [2048, 256]`` in ``dtype`` more than 4x slower than in fp32 on this CPU?
+
+    The fallback's slowdown is 40x to 300x, so the margin absorbs the noise of a busy machine.
+    Constant inputs: the probe does not touch the random number generator.
+    """
+
+    def best(a: Tensor, b: Tensor) -> float:
+        torch.mm(a, b)  # warm-up (oneDNN builds its kernel on the first call)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    a, b = torch.full((128, 2048), 0.5), torch.full((2048, 256), 0.25)
+    return best(a.to(dtype), b.to(dtype)) > 4 * best(a, b)
+
+
+def fp32_matmul_operands(x: Tensor) -> bool:
+    """Whether the PyTorch chunk path should do the matmuls of ``x``'s dtype on fp32 operands (see above)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return _slow_cpu_matmul(x.dtype) if CPU_FP32_MATMUL is None else CPU_FP32_MATMUL
+
+
+def _matmul_operands(weight: Tensor, bias: Tensor | None, use_triton: bool) -> tuple[Tensor, Tensor | None, bool]:
+    """``(weight, bias, cast)`` for the chunk matmuls: fp32 copies and ``cast=True`` where bf16 GEMMs are slow."""
+    if use_triton or not fp32_matmul_operands(weight):
+        return weight, bias, False
+    return weight.float(), None if bias is None else bias.float(), True
+
+
 def _resolve_chunk(chunk: int, N: int, H: int, V: int) -> int:
     return default_chunk_rows(N, H, V) if chunk <= 0 else min(chunk, max(N, 1))
 
@@ -125,7 +172,8 @@ def fused_linear_token_stats_op(
     if N == 0:
         return logp, ent, lse
     chunk = _resolve_chunk(chunk, N, H, V)
-    buf = hidden.new_empty((min(chunk, N), V))  # the one chunk of logits, reused
+    mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
+    buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)  # the one chunk of logits, reused
     if use_triton:
         from .token_ops import token_stats
 
@@ -142,7 +190,8 @@ def fused_linear_token_stats_op(
     work = _Workspace(buf, chunk, dtype, transform, writable=True)
     for a in range(0, N, chunk):
         b = min(a + chunk, N)
-        _linear(hidden[a:b], weight, bias, buf[: b - a])
+        h = hidden[a:b].float() if cast else hidden[a:b]
+        _linear(h, mm_weight, mm_bias, buf[: b - a])
         z, log_p, p = work.rows(buf, 0, b - a)
         logp[a:b], ent[a:b], lse[a:b] = _chunk_stats(z, log_p, p, targets[a:b], ignore_index, entropy)
     return logp, ent, lse
@@ -194,7 +243,8 @@ def fused_linear_token_stats_backward_op(
         g_logp = torch.where(valid, grad_logp.to(dtype), zero)
         g_ent = torch.where(valid, grad_entropy.to(dtype), zero) if entropy else None
         chunk = _resolve_chunk(chunk, N, H, V)
-        buf = hidden.new_empty((min(chunk, N), V))
+        mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
+        buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)
         if use_triton:
             from .token_ops import token_stats_backward
 
@@ -204,8 +254,8 @@ def fused_linear_token_stats_backward_op(
             work = _Workspace(buf, chunk, dtype, transform, writable=True)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
-            h = hidden[a:b]
-            z = _linear(h, weight, bias, buf[: b - a])  # recompute the chunk's logits
+            h = hidden[a:b].float() if cast else hidden[a:b]
+            z = _linear(h, mm_weight, mm_bias, buf[: b - a])  # recompute the chunk's logits
             g_acc = None
             if use_triton:
                 g = token_stats_backward(
@@ -238,7 +288,10 @@ def fused_linear_token_stats_backward_op(
                 if g.dtype != z.dtype:
                     g_acc, g = g, z.copy_(g)  # bf16/fp16: the logits buffer becomes the logits gradient
             if need_hidden:
-                torch.mm(g, weight, out=grad_h[a:b])
+                if cast:
+                    grad_h[a:b] = torch.mm(g, mm_weight)  # one fp32 [c, H] temporary
+                else:
+                    torch.mm(g, weight, out=grad_h[a:b])
             if need_weight:
                 _accumulate_grad_weight(grad_w, g, h, g_acc)
             if need_bias:
