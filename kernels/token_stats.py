@@ -25,9 +25,10 @@ logits are large (no ``lse - E[z]`` cancellation).
 The backward kernel (one program per row and block of ``V``) recomputes
 ``log p = z - lse`` from the saved ``lse`` and writes
 
-    dL/dz_v = g_logp (1{v = t} - p_v) - g_H p_v (log p_v + H)
+    dL/dz_v = g_logp (1{v = t} - p_v) - g_H p_v (log p_v + H) + g_lse p_v
 
-in the logits' dtype: one read of the logits, one write of the gradient.
+in the logits' dtype: one read of the logits, one write of the gradient. (``g_lse`` is the
+gradient of the ``lse`` output, which the vocabulary-parallel path differentiates.)
 
 Optionally the logits are transformed right after the load, inside the same pass
 (``TRANSFORM``: 0 none, 1 ``z' = k z``, 2 ``z' = (c / T) tanh((a / c) z)``, Gemma-2's
@@ -149,12 +150,12 @@ def _token_stats_fwd_kernel(
 
 
 @triton.jit
-def _grad_block(z, is_target, lse, ent, g_logp, g_ent):
-    """``g_logp (onehot - p) - g_ent p (log p + H)`` for one block of a row."""
+def _grad_block(z, is_target, lse, ent, g_logp, g_ent, g_lse):
+    """``g_logp (onehot - p) - g_ent p (log p + H) + g_lse p`` for one block of a row."""
     log_p = z - lse
     p = tl.exp(log_p)
     # p = 0 (a -inf or underflowed logit) contributes exactly 0; avoids 0 * inf.
-    g = tl.where(p > 0, -p * (g_logp + g_ent * (log_p + ent)), 0.0)
+    g = tl.where(p > 0, -p * (g_logp - g_lse + g_ent * (log_p + ent)), 0.0)
     return g + tl.where(is_target, g_logp, 0.0)
 
 
@@ -166,6 +167,7 @@ def _token_stats_bwd_kernel(
     ent_ptr,
     g_logp_ptr,
     g_ent_ptr,
+    g_lse_ptr,
     grad_ptr,
     params_ptr,
     stride_row,
@@ -187,15 +189,16 @@ def _token_stats_bwd_kernel(
     ent = tl.load(ent_ptr + row).to(ACC)
     g_logp = tl.load(g_logp_ptr + row).to(ACC)
     g_ent = tl.load(g_ent_ptr + row).to(ACC)
+    g_lse = tl.load(g_lse_ptr + row).to(ACC)
     if TRANSFORM == TRANSFORM_SOFTCAP:
         # dz'/dz = (a / T) (1 - tanh^2); masked lanes (-inf) get z' = -c / T and a 0 store-masked gradient.
         th = _tanh(z * tl.load(params_ptr))
-        g = _grad_block(th * tl.load(params_ptr + 1), cols == t, lse, ent, g_logp, g_ent)
+        g = _grad_block(th * tl.load(params_ptr + 1), cols == t, lse, ent, g_logp, g_ent, g_lse)
         g = g * (tl.load(params_ptr + 2) * (1.0 - th * th))
     elif TRANSFORM == TRANSFORM_SCALE:
-        g = _grad_block(z * tl.load(params_ptr), cols == t, lse, ent, g_logp, g_ent) * tl.load(params_ptr + 2)
+        g = _grad_block(z * tl.load(params_ptr), cols == t, lse, ent, g_logp, g_ent, g_lse) * tl.load(params_ptr + 2)
     else:
-        g = _grad_block(z, cols == t, lse, ent, g_logp, g_ent)
+        g = _grad_block(z, cols == t, lse, ent, g_logp, g_ent, g_lse)
     g = tl.where(valid, g, 0.0)
     tl.store(grad_ptr + row * stride_grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_v)
 
@@ -293,8 +296,12 @@ def token_stats_backward(
     softcap: float = 0.0,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    g_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the backward kernel: the ``[N, V]`` gradient w.r.t. the raw logits, in the logits' dtype."""
+    """Launch the backward kernel: the ``[N, V]`` gradient w.r.t. the raw logits, in the logits' dtype.
+
+    ``g_lse``: the ``[N]`` gradient of the ``lse`` output (None: 0).
+    """
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N == 0 or V == 0:
@@ -308,6 +315,7 @@ def token_stats_backward(
         ent,
         g_logp,
         g_ent,
+        torch.zeros_like(g_logp) if g_lse is None else g_lse,
         grad,
         params,
         logits.stride(0),

@@ -224,8 +224,9 @@ def fused_linear_token_stats_backward_op(
     softcap: float = 0.0,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy)``.
+    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy + grad_lse * lse)``.
 
     A gradient that is not needed (or ``bias`` is None) comes back as an empty ``[0]`` tensor.
     """
@@ -242,6 +243,7 @@ def fused_linear_token_stats_backward_op(
         zero = torch.zeros((), dtype=dtype, device=lse.device)
         g_logp = torch.where(valid, grad_logp.to(dtype), zero)
         g_ent = torch.where(valid, grad_entropy.to(dtype), zero) if entropy else None
+        g_lse = None if grad_lse is None else torch.where(valid, grad_lse.to(dtype), zero)
         chunk = _resolve_chunk(chunk, N, H, V)
         mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
         buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)
@@ -270,6 +272,7 @@ def fused_linear_token_stats_backward_op(
                     softcap,
                     logit_scale,
                     temperature,
+                    None if g_lse is None else g_lse[a:b],
                 )
             else:
                 zc, log_p, p = work.rows(buf, 0, b - a)
@@ -284,6 +287,7 @@ def fused_linear_token_stats_backward_op(
                     g_logp[a:b],
                     None if g_ent is None else g_ent[a:b],
                     transform,
+                    None if g_lse is None else g_lse[a:b],
                 )
                 if g.dtype != z.dtype:
                     g_acc, g = g, z.copy_(g)  # bf16/fp16: the logits buffer becomes the logits gradient
@@ -331,7 +335,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     ctx.args = (ignore_index, chunk, use_triton, entropy)
-    ctx.transform = tuple(transform)
+    ctx.transform = tuple(transform) + (0.0, 1.0, 1.0)[len(transform) :]  # defaults, if left out
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -341,7 +345,8 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
     # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
     g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    # grad_lse is ignored: lse is an internal output (saved for the backward), never exposed.
+    # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
+    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     grad_h, grad_w, grad_b = fused_linear_token_stats_backward_op(
         hidden,
         weight,
@@ -356,6 +361,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
         need_weight,
         need_bias and bias is not None,
         *ctx.transform,
+        g_lse,
     )
     return (
         grad_h if need_hidden else None,
@@ -378,6 +384,7 @@ fused_linear_token_stats_op.register_autograd(_backward, setup_context=_setup_co
 def _check_fused_inputs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int, validate: bool
 ) -> None:
+    """Shapes, dtypes and devices; with ``validate``, the target ids against ``weight``'s vocabulary."""
     for name, x in (("hidden", hidden), ("weight", weight)):
         if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
@@ -424,6 +431,7 @@ def fused_linear_token_stats(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token target log-prob and entropy of ``hidden @ weight.T + bias``, without holding the logits.
 
@@ -469,6 +477,13 @@ def fused_linear_token_stats(
         validate: check the target ids (a device-to-host sync; skipped under ``torch.compile``).
         softcap, logit_scale, temperature: the logit transform, as in
             :func:`rcpo_losses.token_logps_and_entropy` (Gemma-2: ``softcap=30``).
+        process_group: vocabulary-parallel LM head: each rank passes its contiguous slice
+            ``(V_r, H)`` of ``weight`` (and ``(V_r,)`` of ``bias``), in rank order, the same
+            ``hidden`` and the same global ``targets``; every rank gets the exact
+            full-vocabulary outputs, from all-reduces of ``[N]``-sized vectors, and in the
+            backward its slice's weight gradient and the full ``hidden`` gradient (one
+            all-reduce of ``[N, H]``). Every rank must back-propagate the same loss. See
+            :mod:`rcpo_losses.vocab_parallel`.
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 inputs).
@@ -481,7 +496,7 @@ def fused_linear_token_stats(
         h = model.model(input_ids).last_hidden_state  # (B, T, H), no logits
         logp, ent = fused_linear_token_stats(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
-    _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate)
+    _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate and process_group is None)
     transform = LogitTransform.make(softcap, logit_scale, temperature)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive number of rows, got {chunk_size}")
@@ -490,6 +505,21 @@ def fused_linear_token_stats(
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).long().contiguous()
     args = () if transform is None else transform.args()
+    if process_group is not None:
+        from . import vocab_parallel as vp
+
+        V = weight.shape[0]
+        offset, total = vp.vocab_offset(V, process_group, weight.device)
+        _check_target_ids(t, total, ignore_index, validate)
+        local, owned = vp.local_targets(t, offset, V, ignore_index)
+        h = vp.copy_to_ranks(h, process_group)
+        stats = fused_linear_token_stats_op(
+            h, weight, bias, local, ignore_index, chunk_size or 0, use_triton, entropy, *args
+        )
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+        if not entropy:
+            ent = torch.zeros_like(ent)
+        return logp.reshape(shape), ent.reshape(shape)
     logp, ent, _ = fused_linear_token_stats_op(
         h, weight, bias, t, ignore_index, chunk_size or 0, use_triton, entropy, *args
     )
@@ -513,6 +543,7 @@ def fused_linear_response_stats(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> ResponseTokenStats:
     r"""Sequence log-probs, entropy sums and lengths of responses, from final hidden states and the LM head.
 
@@ -529,7 +560,7 @@ def fused_linear_response_stats(
         weight: ``(V, H)`` (``model.lm_head.weight``); bias: optional ``(V,)``.
         labels, mask, shift_labels, num_responses, ignore_index: as in :func:`response_token_stats`.
         chunk_size, entropy, backend, validate: as in :func:`fused_linear_token_stats`.
-        softcap, logit_scale, temperature: the logit transform, as in :func:`fused_linear_token_stats`.
+        softcap, logit_scale, temperature, process_group: as in :func:`fused_linear_token_stats`.
 
     Shape:
         - hidden: ``(*, T, H)``; labels, mask: ``(*, T)``.
@@ -558,5 +589,6 @@ def fused_linear_response_stats(
         softcap=softcap,
         logit_scale=logit_scale,
         temperature=temperature,
+        process_group=process_group,
     )
     return _response_sums(logp, ent, valid, num_responses, "hidden", hidden.shape)

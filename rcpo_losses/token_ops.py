@@ -63,17 +63,29 @@ def token_stats_backward(
     softcap: float = 0.0,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    grad_lse: Tensor | None = None,
 ) -> Tensor:
     """Gradient ``[N, V]`` (logits' dtype, raw logits) of ``sum(grad_logp * logp + grad_entropy * entropy)``."""
     from .kernels.token_stats import token_stats_backward as launch
 
     return launch(
-        logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v, softcap, logit_scale, temperature
+        logits,
+        targets,
+        lse,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        block_v,
+        softcap,
+        logit_scale,
+        temperature,
+        grad_lse,
     )
 
 
 @token_stats_backward.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v, *transform):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v, *transform_and_grad_lse):
     return logits.new_empty(logits.shape)
 
 
@@ -83,7 +95,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits, targets, lse, entropy)
     ctx.ignore_index = ignore_index
     ctx.block_v = block_v
-    ctx.transform = tuple(transform)
+    ctx.transform = tuple(transform) + (0.0, 1.0, 1.0)[len(transform) :]  # defaults, if left out
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -92,9 +104,10 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
     # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
     g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    # grad_lse is ignored: lse is an internal output (saved for the backward), never exposed.
+    # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
+    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     grad = token_stats_backward(
-        logits, targets, lse, entropy, g_logp, g_ent, ctx.ignore_index, ctx.block_v, *ctx.transform
+        logits, targets, lse, entropy, g_logp, g_ent, ctx.ignore_index, ctx.block_v, *ctx.transform, g_lse
     )
     return grad, None, None, None, None, None, None
 

@@ -203,11 +203,13 @@ def _chunk_logits_grad(
     g_logp: Tensor,
     g_ent: Tensor | None,
     transform: LogitTransform | None = None,
+    g_lse: Tensor | None = None,
 ) -> Tensor:
     """Gradient ``[n, V]`` of ``sum(g_logp * logp + g_ent * entropy)`` w.r.t. one chunk of logits ``z``.
 
     With a ``transform``, ``z`` holds the transformed logits ``z'`` (a buffer, overwritten
     here with ``dz'/dz``) and the gradient is w.r.t. the logits before the transform.
+    ``g_lse`` (``[n]``, optional): the gradient of the per-row ``lse`` too, ``+ g_lse p``.
 
     ``dL/dz_v = g_logp (1{v = t} - p_v) - g_ent p_v (log p_v + H)``, with ``log p = z - lse``
     from the forward's ``lse`` and ``H`` (``[n]``). Formed in place in ``log_p``'s buffer,
@@ -219,13 +221,14 @@ def _chunk_logits_grad(
     valid = targets != ignore_index
     safe = _safe_targets(targets, valid, V)
     gl = g_logp[:, None]
+    gp = gl if g_lse is None else (g_logp - g_lse)[:, None]  # the weight of the -p term
     torch.softmax(z, dim=-1, out=p)
     if g_ent is None:
-        g = torch.mul(p, gl, out=log_p).neg_()  # -p * g_logp
+        g = torch.mul(p, gp, out=log_p).neg_()  # -p * g_logp
     else:
         torch.sub(z, lse[:, None], out=log_p)
         # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
-        g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[:, None]).mul_(g_ent[:, None]).add_(gl).mul_(p).neg_()
+        g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[:, None]).mul_(g_ent[:, None]).add_(gp).mul_(p).neg_()
     g.scatter_add_(1, safe[:, None], gl)  # + g_logp * onehot(t)
     if transform is not None:
         g.mul_(transform.derivative_(z))  # chain rule through z' = transform(z)
@@ -234,7 +237,7 @@ def _chunk_logits_grad(
 
 
 class _TokenStats(torch.autograd.Function):
-    """Chunked PyTorch path: ``[N, V]`` logits, ``[N]`` targets -> ``[N]`` logp, entropy.
+    """Chunked PyTorch path: ``[N, V]`` logits, ``[N]`` targets -> ``[N]`` logp, entropy, lse (all differentiable).
 
     Forward and backward both walk ``chunk`` rows at a time in a :class:`_Workspace` of
     three fp32 ``chunk x V`` buffers (two when the logits are fp32/fp64 already), through
@@ -260,10 +263,10 @@ class _TokenStats(torch.autograd.Function):
         ctx.ignore_index = ignore_index
         ctx.chunk = chunk
         ctx.transform = transform
-        return logp, ent
+        return logp, ent, lse
 
     @staticmethod
-    def backward(ctx, g_logp: Tensor, g_ent: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, g_logp: Tensor, g_ent: Tensor, g_lse: Tensor) -> tuple[Tensor, None, None, None, None]:
         logits, targets, lse, ent = ctx.saved_tensors
         N, V = logits.shape
         dtype = lse.dtype
@@ -271,6 +274,7 @@ class _TokenStats(torch.autograd.Function):
         zero = torch.zeros((), dtype=dtype, device=logits.device)
         g_logp = torch.where(valid, g_logp.to(dtype), zero)
         g_ent = torch.where(valid, g_ent.to(dtype), zero)
+        g_lse = torch.where(valid, g_lse.to(dtype), zero)
         grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
         work = _Workspace(logits, ctx.chunk, dtype, ctx.transform)
         for a in range(0, N, ctx.chunk):
@@ -287,6 +291,7 @@ class _TokenStats(torch.autograd.Function):
                 g_logp[a:b],
                 g_ent[a:b],
                 ctx.transform,
+                g_lse[a:b],
             )
         return grad, None, None, None, None
 
@@ -345,6 +350,7 @@ def token_logps_and_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token target log-prob and next-token entropy, in one pass over the vocabulary.
 
@@ -383,6 +389,12 @@ def token_logps_and_entropy(
             or None for none.
         logit_scale: ``a``, a multiplier of the raw logits (``config.logit_scale``).
         temperature: ``T``, the sampling temperature the log-probs are taken at.
+        process_group: vocabulary parallelism. Each rank of the group passes its contiguous
+            slice ``(*, V_r)`` of the logits (slices in rank order) and the same global
+            ``targets``; every rank gets the full-vocabulary ``(logp, entropy)``, exact, from
+            two all-reduces of ``[N]``-sized vectors (no gather of the logits). Every rank must
+            back-propagate the same loss; each gets its slice's gradient. See
+            :mod:`rcpo_losses.vocab_parallel`.
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 logits). The logits gradient
@@ -391,7 +403,7 @@ def token_logps_and_entropy(
     Shape:
         - logits: ``(*, V)``; targets: ``(*)``; outputs: ``(*)``, e.g. ``(B, T)`` from ``(B, T, V)``.
     """
-    _check_token_inputs(logits, targets, ignore_index, validate)
+    _check_token_inputs(logits, targets, ignore_index, validate and process_group is None)
     transform = LogitTransform.make(softcap, logit_scale, temperature)
     shape = targets.shape
     V = logits.shape[-1]
@@ -399,12 +411,27 @@ def token_logps_and_entropy(
     if V > 1 and z.stride(-1) != 1:
         z = z.contiguous()
     t = targets.reshape(-1).long()
+    if process_group is not None:
+        from . import vocab_parallel as vp
+
+        offset, total = vp.vocab_offset(V, process_group, z.device)
+        _check_target_ids(t, total, ignore_index, validate)
+        local, owned = vp.local_targets(t, offset, V, ignore_index)
+        if _backend.use_triton(backend, logits):
+            from .token_ops import token_stats
+
+            args = () if transform is None else transform.args()
+            stats = token_stats(z, local.contiguous(), ignore_index, 0, *args)
+        else:
+            stats = _TokenStats.apply(z, local, ignore_index, _chunk_rows(chunk_size, V), transform)
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+        return logp.reshape(shape), ent.reshape(shape)
     if _backend.use_triton(backend, logits):
         from .token_ops import token_logps_and_entropy_triton
 
         logp, ent = token_logps_and_entropy_triton(z, t.contiguous(), ignore_index, transform=transform)
     else:
-        logp, ent = _TokenStats.apply(z, t, ignore_index, _chunk_rows(chunk_size, V), transform)
+        logp, ent, _ = _TokenStats.apply(z, t, ignore_index, _chunk_rows(chunk_size, V), transform)
     return logp.reshape(shape), ent.reshape(shape)
 
 
@@ -445,6 +472,7 @@ def response_token_stats(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> ResponseTokenStats:
     r"""Sequence log-probs, entropy sums and lengths of responses, from their logits.
 
@@ -472,6 +500,8 @@ def response_token_stats(
         num_responses: reshape the flat leading dim ``B * S`` of the outputs to ``(B, S)``.
         ignore_index, chunk_size, backend, validate: as in :func:`token_logps_and_entropy`.
         softcap, logit_scale, temperature: the logit transform, as in :func:`token_logps_and_entropy`.
+        process_group: vocabulary parallelism (``logits`` is this rank's ``(*, T, V_r)`` slice),
+            as in :func:`token_logps_and_entropy`.
 
     Shape:
         - logits: ``(*, T, V)``; labels, mask: ``(*, T)``.
@@ -497,6 +527,7 @@ def response_token_stats(
         softcap=softcap,
         logit_scale=logit_scale,
         temperature=temperature,
+        process_group=process_group,
     )
     return _response_sums(logp, ent, valid, num_responses, "logits", logits.shape)
 
