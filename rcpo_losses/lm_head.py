@@ -56,12 +56,20 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
 
     Returns:
         :class:`LMHeadSpec` ``(weight, bias, softcap, logit_scale)``; the tensors are the
-        model's own parameters (gradients reach them).
+        model's own parameters (gradients reach them). Under FSDP2 (``fully_shard``) call it
+        after :func:`final_hidden_states`: the forward has then gathered the root module's
+        head (a sharded DTensor before it raises a ``TypeError``).
     """
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise TypeError(f"model: {type(inner).__name__}.get_output_embeddings() has no weight tensor")
+    if type(head.weight).__name__ == "DTensor" or hasattr(head.weight, "full_tensor"):
+        raise TypeError(
+            "model: the LM head's weight is a sharded DTensor (FSDP2 between forwards). Call lm_head_spec after "
+            "the model's forward (final_hidden_states), which unshards it: FSDP2 keeps the root module's "
+            "parameters unsharded until the backward, and reduce-scatters their gradients"
+        )
     config = getattr(inner, "config", None)
     get_text = getattr(config, "get_text_config", None)
     if callable(get_text):  # multimodal configs keep the language model's settings in a sub-config
