@@ -31,7 +31,9 @@ class LMHeadSpec(NamedTuple):
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP's ``.module`` or ``torch.compile``'s ``._orig_mod`` wrappers."""
     while not hasattr(model, "get_output_embeddings"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
         if inner is None:
             raise TypeError(
                 f"model: {type(model).__name__} has no get_output_embeddings() (expected a Hugging Face "

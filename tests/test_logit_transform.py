@@ -199,3 +199,35 @@ def test_opcheck_with_transform(dtype):
     W = torch.randn(40, 4, generator=g).to(DEVICE, dtype).requires_grad_()
     for use_triton in (False, True):
         torch.library.opcheck(fused_linear_token_stats_op, (h, W, None, t, -100, 4, use_triton, True, 3.0, 1.5, 0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_with_softcap(backend):
+    import warnings
+
+    dev = DEVICE if backend == "triton" else "cpu"
+    g = torch.Generator().manual_seed(8)
+    z = (torch.randn(2, 4, 40, generator=g) * 20).to(dev)
+    h = torch.randn(8, 6, generator=g).to(dev)
+    W = (torch.randn(40, 6, generator=g) * 5).to(dev)
+    t = torch.randint(0, 40, (2, 4), generator=g).to(dev)
+    kw = dict(softcap=30.0, logit_scale=1.2, temperature=0.8, backend=backend, chunk_size=3)
+
+    def f(x, w):
+        logp, ent = token_logps_and_entropy(x, t, **kw)
+        logp2, ent2 = fused_linear_token_stats(h, w, t.reshape(-1), **kw)
+        return (logp * 0.5 + ent).sum() + (logp2 - ent2).sum()
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(f, fullgraph=True)
+        x1, w1 = z.clone().requires_grad_(), W.clone().requires_grad_()
+        y1 = compiled(x1, w1)
+        y1.backward()
+    x2, w2 = z.clone().requires_grad_(), W.clone().requires_grad_()
+    y2 = f(x2, w2)
+    y2.backward()
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
