@@ -15,6 +15,12 @@ target log-prob and the entropy of every position) chunk by chunk over the token
   then ``grad_h[chunk] = g @ W``, ``grad_W += g.T @ h``, ``grad_b += g.sum(0)``, the last
   two accumulated in fp32 (fp64 for fp64) and cast to the parameters' dtype at the end.
 
+The model's logit transform (``softcap``, ``logit_scale``, ``temperature``) is applied to
+each chunk in place, and its derivative in the backward. On a CPU whose bf16/fp16 GEMM is a
+slow fallback (probed once, see ``CPU_FP32_MATMUL``) the chunk matmuls run on fp32 operands.
+With ``process_group`` each rank holds a vocabulary slice of the head
+(:mod:`rcpo_losses.vocab_parallel`).
+
 So at most one chunk of logits (and, on CUDA, its gradient) is alive at a time. The
 price is one extra matmul: the forward logits are recomputed in the backward (4 matmuls
 of ``N H V`` instead of 3). Both passes are one ``torch.library.custom_op`` each
