@@ -1,5 +1,6 @@
-"""FSDP2 (``fully_shard``, gloo, 2 CPU processes) with the fused path: the LM head reached through the model's own
-forward (``final_hidden_states``, then ``lm_head_spec``) trains exactly like one process on the full batch."""
+"""FSDP2 (``fully_shard``) and DDP (gloo, 2 CPU processes) with the fused path: the LM head reached through the
+model's own forward (``final_hidden_states``, then ``lm_head_spec``) trains exactly like one process on the full
+batch."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def train(model, reference, batch, loss_name):
     return torch.stack(losses)
 
 
-def worker(rank: int, world: int, store: str, loss_name: str, out: str) -> None:
+def worker(rank: int, world: int, store: str, wrapper: str, out: str) -> None:
     sys.path.insert(0, EXAMPLES)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -50,15 +51,19 @@ def worker(rank: int, world: int, store: str, loss_name: str, out: str) -> None:
         reference = frozen_copy(policy)
         batch = make_ranked_batch(num_prompts=8, seed=1)
         shard = {key: value.chunk(world)[rank] for key, value in batch.items()}  # 4 prompts per rank
-        for layer in policy.model.layers:
-            fully_shard(layer)
-        fully_shard(policy)  # the root (embeddings, final norm, LM head) stays unsharded after its forward
-        assert type(policy.lm_head.weight).__name__ == "DTensor"
-        with pytest.raises(TypeError, match="DTensor"):  # before a forward has gathered it
-            lm_head_spec(policy)
-        losses = train(policy, reference, shard, loss_name)
+        if wrapper == "fsdp2":
+            for layer in policy.model.layers:
+                fully_shard(layer)
+            fully_shard(policy)  # the root (embeddings, final norm, LM head) stays unsharded after its forward
+            assert type(policy.lm_head.weight).__name__ == "DTensor"
+            with pytest.raises(TypeError, match="DTensor"):  # before a forward has gathered it
+                lm_head_spec(policy)
+            model = policy
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(policy)
+        losses = train(model, reference, shard, "mallows")
         dist.all_reduce(losses)
-        state = {name: p.full_tensor() for name, p in policy.named_parameters()}
+        state = {name: getattr(p, "full_tensor", p.detach)() for name, p in policy.named_parameters()}
         if rank == 0:
             torch.save({"losses": losses / world, "state": state}, out)
         dist.barrier()
@@ -69,9 +74,10 @@ def worker(rank: int, world: int, store: str, loss_name: str, out: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*returned a view tensor")
-def test_fsdp2_fused_linear_matches_single_process(tmp_path):
-    out = str(tmp_path / "fsdp.pt")
-    mp.spawn(worker, args=(2, str(tmp_path / "store"), "mallows", out), nprocs=2, join=True)
+@pytest.mark.parametrize("wrapper", ["fsdp2", "ddp"])
+def test_fused_linear_matches_single_process(wrapper, tmp_path):
+    out = str(tmp_path / "out.pt")
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), wrapper, out), nprocs=2, join=True)
     result = torch.load(out)
 
     policy = tiny_llama(seed=0)
