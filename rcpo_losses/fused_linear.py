@@ -396,6 +396,12 @@ def _check_fused_inputs(
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if hasattr(weight, "full_tensor"):
+        raise TypeError(
+            "weight: a DTensor (FSDP2 between forwards, or a tensor-parallel layout). Under FSDP2 take it with "
+            "lm_head_spec(model) after final_hidden_states(model, ...); for a vocabulary-parallel head pass this "
+            "rank's local slice (weight.to_local()) with process_group="
+        )
     if hidden.dim() < 1:
         raise ValueError(f"hidden: expected (*, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] < 1:

@@ -45,7 +45,7 @@ def worker(rank: int, world: int, store: str, wrapper: str, out: str) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
 
-        from rcpo_losses import lm_head_spec
+        from rcpo_losses import fused_linear_token_stats, lm_head_spec
 
         policy = tiny_llama(seed=0)
         reference = frozen_copy(policy)
@@ -58,6 +58,8 @@ def worker(rank: int, world: int, store: str, wrapper: str, out: str) -> None:
             assert type(policy.lm_head.weight).__name__ == "DTensor"
             with pytest.raises(TypeError, match="DTensor"):  # before a forward has gathered it
                 lm_head_spec(policy)
+            with pytest.raises(TypeError, match="weight: a DTensor"):
+                fused_linear_token_stats(torch.randn(2, 32), policy.lm_head.weight, torch.tensor([0, 1]))
             model = policy
         else:
             model = torch.nn.parallel.DistributedDataParallel(policy)
