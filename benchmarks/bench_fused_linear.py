@@ -8,9 +8,15 @@ Sizes ``(tokens N, hidden H, vocabulary V)``: ``full`` = N in {4096, 16384}, H =
 V = 128256 (Llama-3), the default on CUDA; ``small`` = N in {1024, 4096}, H = 512,
 V = 32000, the default without CUDA (the full sizes need about 40 GB for the naive path
 and 20 to 70 TFLOP per step, minutes on a small CPU). ``RCPO_BENCH_FUSED`` (``full`` or
-``small``) overrides the default.
+``small``) overrides the default. ``RCPO_BENCH_DTYPES`` (comma-separated, default ``bf16``;
+e.g. ``bf16,fp32``) picks the dtypes of ``hidden`` and ``weight``.
 
-Implementations (``impl``), all from bf16 ``hidden [N, H]`` and ``weight [V, H]``:
+bf16 on a CPU without a bf16 GEMM (AVX2): the fused path then does its chunk matmuls on
+fp32 operands (see ``rcpo_losses.fused_linear.CPU_FP32_MATMUL``). To measure that on a CPU
+that has one (AMX, AVX512-BF16), restrict PyTorch, oneDNN and MKL to AVX2, as in
+docs/benchmarks.md: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
+
+Implementations (``impl``), all from ``hidden [N, H]`` and ``weight [V, H]`` (bf16 unless set):
 
 - ``naive``: ``hidden @ weight.T``, then ``log_softmax`` in fp32, ``gather``, ``-(softmax * log_softmax).sum``;
 - ``naive.compile``: the same under ``torch.compile(fullgraph=True, dynamic=False)``;
@@ -56,7 +62,8 @@ else:
     raise ValueError(f"RCPO_BENCH_FUSED: expected 'full' or 'small', got {SIZE!r}")
 ROUNDS = 10 if DEVICE == "cuda" else 3
 IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch")
-DTYPE = torch.bfloat16
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = tuple(_DTYPE_NAMES[d.strip()] for d in os.environ.get("RCPO_BENCH_DTYPES", "bf16").split(","))
 
 
 def naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
@@ -90,18 +97,19 @@ def _step(fn, mode: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
     return torch.autograd.grad(logp.sum() + ent.sum(), (h, w))
 
 
-def make_inputs(mode: str, N: int, H: int, V: int):
+def make_inputs(mode: str, N: int, H: int, V: int, dtype: str = "bf16"):
     g = torch.Generator().manual_seed(N + H + V)
     grad = mode == "fwd_bwd"
-    h = torch.randn(N, H, generator=g).to(DEVICE, DTYPE).requires_grad_(grad)
-    w = (torch.randn(V, H, generator=g) * (2 / H**0.5)).to(DEVICE, DTYPE).requires_grad_(grad)
+    dtype = _DTYPE_NAMES[dtype]
+    h = torch.randn(N, H, generator=g).to(DEVICE, dtype).requires_grad_(grad)
+    w = (torch.randn(V, H, generator=g) * (2 / H**0.5)).to(DEVICE, dtype).requires_grad_(grad)
     t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
     return h, w, t
 
 
-def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, start, peak) -> int:
+def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, dtype: str, start, peak) -> int:
     """In this process (a fresh subprocess, see below): peak resident set above the inputs, one call."""
-    h, w, t = make_inputs(mode, N, H, V)
+    h, w, t = make_inputs(mode, N, H, V, dtype)
     fn = _impl(impl)
     _step(fn, mode, h, w, t)  # warm-up: compilation, the custom ops' one-off imports
     base = start()
@@ -110,14 +118,16 @@ def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, start, peak) ->
     return peak() - base
 
 
+@pytest.mark.parametrize("dtype", [str(d).removeprefix("torch.") for d in DTYPES])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ("fwd", "fwd_bwd"))
-def test_fused_linear(benchmark, mode, impl, shape):
+def test_fused_linear(benchmark, mode, impl, shape, dtype):
     if impl == "fused.torch" and DEVICE != "cuda":
         pytest.skip("on the CPU, fused already runs the PyTorch chunk math")
+    dtype = {v: k for k, v in _DTYPE_NAMES.items()}[getattr(torch, dtype)]
     N, H, V = shape
-    h, w, t = make_inputs(mode, N, H, V)
+    h, w, t = make_inputs(mode, N, H, V, dtype)
     fn = _impl(impl)
 
     def run():
@@ -126,14 +136,15 @@ def test_fused_linear(benchmark, mode, impl, shape):
         return out
 
     run()  # warm-up: compilation, autotuning, allocator
-    peak = peak_bytes(run, __file__, mode, impl, N, H, V)
-    benchmark.group = f"fused linear {mode} N={N} H={H} V={V} bf16"
+    peak = peak_bytes(run, __file__, mode, impl, N, H, V, dtype)
+    benchmark.group = f"fused linear {mode} N={N} H={H} V={V}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     flops = 2 * N * H * V * (1 if mode == "fwd" else 3)
     benchmark.extra_info.update(
         impl=impl,
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        dtype=dtype,
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu {torch.backends.cpu.get_cpu_capability()}",
         tflops=flops / benchmark.stats.stats.median / 1e12,
     )
     if peak is not None:
-        benchmark.extra_info.update(peak_mb=peak / 1e6, peak_copies=peak / (N * V * 2))
+        benchmark.extra_info.update(peak_mb=peak / 1e6, peak_copies=peak / (N * V * h.element_size()))

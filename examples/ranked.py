@@ -13,7 +13,9 @@ from torch import Tensor
 
 from rcpo_losses import (
     entropy_dispersion,
+    final_hidden_states,
     fused_linear_response_stats,
+    lm_head_spec,
     mallows_rmj_topk,
     mnl_topk,
     ranking_metrics,
@@ -95,20 +97,22 @@ def make_ranked_batch(
 def response_stats(model, batch: dict[str, Tensor], *, fused_linear: bool = False):
     """Sequence log-probs, entropy sums and lengths ``[B, S]`` of every response.
 
-    ``fused_linear=True`` runs the decoder alone (``model.get_decoder()``: the final, normed
-    hidden states) and hands them with the LM head's weight to
-    ``fused_linear_response_stats``, so the ``[B * S, L, V]`` logits are never formed. Same
-    numbers as the default path (which takes ``model(...).logits``) to fp32 rounding.
+    ``fused_linear=True`` gets the final, normed hidden states through the model's own
+    forward (``final_hidden_states``: DDP-safe, the head forms one position's logits) and
+    hands them with the LM head and the model's logit transform (``lm_head_spec``: Gemma-2's
+    soft-capping, a logit scale) to ``fused_linear_response_stats``, so the ``[B * S, L, V]``
+    logits are never formed. Same numbers as the default path (which takes
+    ``model(...).logits``) to fp32 rounding.
     """
     B, S, L = batch["input_ids"].shape
     ids = batch["input_ids"].reshape(B * S, L)
     attention = batch["attention_mask"].reshape(B * S, L)
     mask = batch["completion_mask"].reshape(B * S, L)
     if fused_linear:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
-        head = model.get_output_embeddings()
+        hidden = final_hidden_states(model, ids, attention)
+        spec = lm_head_spec(model)
         return fused_linear_response_stats(
-            hidden, head.weight, ids, mask, shift_labels=True, num_responses=S, bias=head.bias
+            hidden, labels=ids, mask=mask, shift_labels=True, num_responses=S, **spec.as_kwargs()
         )
     logits = model(input_ids=ids, attention_mask=attention).logits
     return response_token_stats(logits, ids, mask, shift_labels=True, num_responses=S)

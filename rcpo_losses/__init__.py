@@ -6,6 +6,7 @@ reductions over prompts. See docs/index.md.
 
 from .dispersion import entropy_dispersion
 from .fused_linear import fused_linear_response_stats, fused_linear_token_stats
+from .lm_head import LMHeadSpec, final_hidden_states, lm_head_spec
 from .mallows import (
     mallows_rmj_discrete,
     mallows_rmj_log_likelihood,
@@ -29,14 +30,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IGNORE",
+    "LMHeadSpec",
     "UNRANKED",
     "ResponseTokenStats",
     "all_pairs",
     "entropy_dispersion",
     "entropy_dispersion_from_logits",
+    "final_hidden_states",
     "fused_linear_response_stats",
     "fused_linear_token_stats",
     "implicit_rewards",
+    "lm_head_spec",
     "mallows_rmj_discrete",
     "mallows_rmj_log_likelihood",
     "mallows_rmj_pairwise",

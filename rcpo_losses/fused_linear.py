@@ -15,6 +15,12 @@ target log-prob and the entropy of every position) chunk by chunk over the token
   then ``grad_h[chunk] = g @ W``, ``grad_W += g.T @ h``, ``grad_b += g.sum(0)``, the last
   two accumulated in fp32 (fp64 for fp64) and cast to the parameters' dtype at the end.
 
+The model's logit transform (``softcap``, ``logit_scale``, ``temperature``) is applied to
+each chunk in place, and its derivative in the backward. On a CPU whose bf16/fp16 GEMM is a
+slow fallback (probed once, see ``CPU_FP32_MATMUL``) the chunk matmuls run on fp32 operands.
+With ``process_group`` each rank holds a vocabulary slice of the head
+(:mod:`rcpo_losses.vocab_parallel`).
+
 So at most one chunk of logits (and, on CUDA, its gradient) is alive at a time. The
 price is one extra matmul: the forward logits are recomputed in the backward (4 matmuls
 of ``N H V`` instead of 3). Both passes are one ``torch.library.custom_op`` each
@@ -25,12 +31,16 @@ nodes.
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 from torch import Tensor
 
 from . import _backend
 from ._checks import check_positive_int, no_double_backward
 from .tokens import (
+    LogitTransform,
     ResponseTokenStats,
     _check_target_ids,
     _chunk_logits_grad,
@@ -39,6 +49,7 @@ from .tokens import (
     _compute_dtype,
     _response_sums,
     _Workspace,
+    transform_from_args,
 )
 
 # Default chunk: about N / ceil(V / H) rows, so that a chunk of logits holds about as many
@@ -92,6 +103,50 @@ def _accumulate_grad_weight(acc: Tensor, g: Tensor, h: Tensor, g_acc: Tensor | N
     acc.add_(torch.mm(g.t(), h))  # one [V, H] temporary in the parameters' dtype, summed in fp32
 
 
+# CPUs without a bf16/fp16 matrix unit (AVX2-only x86) run some bf16 products on a slow
+# fallback: ``[128, 32000] @ [32000, 512]`` took 6.5 s there against 0.04 s in fp32. On such a
+# CPU the PyTorch path does its chunk matmuls on fp32 operands (one fp32 copy of the weight and
+# bias per pass, the size of the fp32 gradient accumulator; the hidden states converted one
+# chunk at a time), which also makes the chunk's logits fp32 directly. None: probe (once per
+# dtype and process); True/False: force it on or off.
+CPU_FP32_MATMUL: bool | None = None
+
+
+@functools.cache
+def _slow_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Probe: is ``[128, 2048] @ [2048, 256]`` in ``dtype`` more than 4x slower than in fp32 on this CPU?
+
+    The fallback's slowdown is 40x to 300x, so the margin absorbs the noise of a busy machine.
+    Constant inputs: the probe does not touch the random number generator.
+    """
+
+    def best(a: Tensor, b: Tensor) -> float:
+        torch.mm(a, b)  # warm-up (oneDNN builds its kernel on the first call)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    a, b = torch.full((128, 2048), 0.5), torch.full((2048, 256), 0.25)
+    return best(a.to(dtype), b.to(dtype)) > 4 * best(a, b)
+
+
+def fp32_matmul_operands(x: Tensor) -> bool:
+    """Whether the PyTorch chunk path should do the matmuls of ``x``'s dtype on fp32 operands (see above)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return _slow_cpu_matmul(x.dtype) if CPU_FP32_MATMUL is None else CPU_FP32_MATMUL
+
+
+def _matmul_operands(weight: Tensor, bias: Tensor | None, use_triton: bool) -> tuple[Tensor, Tensor | None, bool]:
+    """``(weight, bias, cast)`` for the chunk matmuls: fp32 copies and ``cast=True`` where bf16 GEMMs are slow."""
+    if use_triton or not fp32_matmul_operands(weight):
+        return weight, bias, False
+    return weight.float(), None if bias is None else bias.float(), True
+
+
 def _resolve_chunk(chunk: int, N: int, H: int, V: int) -> int:
     return default_chunk_rows(N, H, V) if chunk <= 0 else min(chunk, max(N, 1))
 
@@ -106,8 +161,15 @@ def fused_linear_token_stats_op(
     chunk: int,
     use_triton: bool,
     entropy: bool,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)``, each ``[N]``, of the logits ``hidden @ weight.T + bias`` (``chunk=0``: auto)."""
+    """``(logp, entropy, lse)``, each ``[N]``, of the logits ``hidden @ weight.T + bias`` (``chunk=0``: auto).
+
+    The statistics are of the transformed logits (see :class:`rcpo_losses.tokens.LogitTransform`;
+    ``softcap=0``: none).
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     dtype = _compute_dtype(hidden.dtype)
@@ -117,28 +179,33 @@ def fused_linear_token_stats_op(
     if N == 0:
         return logp, ent, lse
     chunk = _resolve_chunk(chunk, N, H, V)
-    buf = hidden.new_empty((min(chunk, N), V))  # the one chunk of logits, reused
+    mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
+    buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)  # the one chunk of logits, reused
     if use_triton:
         from .token_ops import token_stats
 
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             z = _linear(hidden[a:b], weight, bias, buf[: b - a])
-            logp[a:b], ent_c, lse[a:b] = token_stats(z, targets[a:b], ignore_index, 0)
+            logp[a:b], ent_c, lse[a:b] = token_stats(
+                z, targets[a:b], ignore_index, 0, softcap, logit_scale, temperature
+            )
             if entropy:
                 ent[a:b] = ent_c
         return logp, ent, lse
-    work = _Workspace(buf, chunk, dtype)
+    transform = transform_from_args(softcap, logit_scale, temperature)
+    work = _Workspace(buf, chunk, dtype, transform, writable=True)
     for a in range(0, N, chunk):
         b = min(a + chunk, N)
-        _linear(hidden[a:b], weight, bias, buf[: b - a])
+        h = hidden[a:b].float() if cast else hidden[a:b]
+        _linear(h, mm_weight, mm_bias, buf[: b - a])
         z, log_p, p = work.rows(buf, 0, b - a)
         logp[a:b], ent[a:b], lse[a:b] = _chunk_stats(z, log_p, p, targets[a:b], ignore_index, entropy)
     return logp, ent, lse
 
 
 @fused_linear_token_stats_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy):
+def _(hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform):
     N = hidden.shape[0]
     dtype = _compute_dtype(hidden.dtype)
     return tuple(hidden.new_empty((N,), dtype=dtype) for _ in range(3))
@@ -161,8 +228,12 @@ def fused_linear_token_stats_backward_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy)``.
+    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy + grad_lse * lse)``.
 
     A gradient that is not needed (or ``bias`` is None) comes back as an empty ``[0]`` tensor.
     """
@@ -180,22 +251,36 @@ def fused_linear_token_stats_backward_op(
         zero = torch.zeros((), dtype=dtype, device=lse.device)
         g_logp = torch.where(valid, grad_logp.to(dtype), zero)
         g_ent = torch.where(valid, grad_entropy.to(dtype), zero) if entropy else None
+        g_lse = None if grad_lse is None else torch.where(valid, grad_lse.to(dtype), zero)
         chunk = _resolve_chunk(chunk, N, H, V)
-        buf = hidden.new_empty((min(chunk, N), V))
+        mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
+        buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)
         if use_triton:
             from .token_ops import token_stats_backward
 
             g_ent_k = torch.zeros_like(g_logp) if g_ent is None else g_ent
         else:
-            work = _Workspace(buf, chunk, dtype)
+            transform = transform_from_args(softcap, logit_scale, temperature)
+            work = _Workspace(buf, chunk, dtype, transform, writable=True)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
-            h = hidden[a:b]
-            z = _linear(h, weight, bias, buf[: b - a])  # recompute the chunk's logits
+            h = hidden[a:b].float() if cast else hidden[a:b]
+            z = _linear(h, mm_weight, mm_bias, buf[: b - a])  # recompute the chunk's logits
             g_acc = None
             if use_triton:
                 g = token_stats_backward(
-                    z, targets[a:b], lse[a:b], ent[a:b], g_logp[a:b], g_ent_k[a:b], ignore_index, 0
+                    z,
+                    targets[a:b],
+                    lse[a:b],
+                    ent[a:b],
+                    g_logp[a:b],
+                    g_ent_k[a:b],
+                    ignore_index,
+                    0,
+                    softcap,
+                    logit_scale,
+                    temperature,
+                    None if g_lse is None else g_lse[a:b],
                 )
             else:
                 zc, log_p, p = work.rows(buf, 0, b - a)
@@ -209,11 +294,16 @@ def fused_linear_token_stats_backward_op(
                     ent[a:b],
                     g_logp[a:b],
                     None if g_ent is None else g_ent[a:b],
+                    transform,
+                    None if g_lse is None else g_lse[a:b],
                 )
                 if g.dtype != z.dtype:
                     g_acc, g = g, z.copy_(g)  # bf16/fp16: the logits buffer becomes the logits gradient
             if need_hidden:
-                torch.mm(g, weight, out=grad_h[a:b])
+                if cast:
+                    grad_h[a:b] = torch.mm(g, mm_weight)  # one fp32 [c, H] temporary
+                else:
+                    torch.mm(g, weight, out=grad_h[a:b])
             if need_weight:
                 _accumulate_grad_weight(grad_w, g, h, g_acc)
             if need_bias:
@@ -240,6 +330,7 @@ def _(
     need_hidden,
     need_weight,
     need_bias,
+    *transform,
 ):
     grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     grad_w = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
@@ -248,10 +339,11 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy = inputs
+    hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     ctx.args = (ignore_index, chunk, use_triton, entropy)
+    ctx.transform = tuple(transform) + (0.0, 1.0, 1.0)[len(transform) :]  # defaults, if left out
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -261,7 +353,8 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
     # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
     g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    # grad_lse is ignored: lse is an internal output (saved for the backward), never exposed.
+    # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
+    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     grad_h, grad_w, grad_b = fused_linear_token_stats_backward_op(
         hidden,
         weight,
@@ -275,11 +368,16 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
         need_hidden,
         need_weight,
         need_bias and bias is not None,
+        *ctx.transform,
+        g_lse,
     )
     return (
         grad_h if need_hidden else None,
         grad_w if need_weight else None,
         grad_b if need_bias and bias is not None else None,
+        None,
+        None,
+        None,
         None,
         None,
         None,
@@ -295,11 +393,18 @@ fused_linear_token_stats_backward_op.register_autograd(no_double_backward("fused
 def _check_fused_inputs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int, validate: bool
 ) -> None:
+    """Shapes, dtypes and devices; with ``validate``, the target ids against ``weight``'s vocabulary."""
     for name, x in (("hidden", hidden), ("weight", weight)):
         if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if hasattr(weight, "full_tensor"):
+        raise TypeError(
+            "weight: a DTensor (FSDP2 between forwards, or a tensor-parallel layout). Under FSDP2 take it with "
+            "lm_head_spec(model) after final_hidden_states(model, ...); for a vocabulary-parallel head pass this "
+            "rank's local slice (weight.to_local()) with process_group="
+        )
     if hidden.dim() < 1:
         raise ValueError(f"hidden: expected (*, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] < 1:
@@ -338,12 +443,21 @@ def fused_linear_token_stats(
     entropy: bool = True,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token target log-prob and entropy of ``hidden @ weight.T + bias``, without holding the logits.
 
     .. math::
-        z = h W^\top + b, \qquad \log p_t = z_t - \log \sum_v e^{z_v}, \qquad
-        H = -\sum_v p_v \log p_v
+        z = h W^\top + b, \qquad \log p_t = z'_t - \log \sum_v e^{z'_v}, \qquad
+        H = -\sum_v p_v \log p_v, \quad p = \operatorname{softmax}(z')
+
+    where :math:`z' = c \tanh(a z / c) / T` is the model's output transform (``softcap``
+    ``c``, ``logit_scale`` ``a``, ``temperature`` ``T``; :math:`z' = a z / T` without a
+    cap), applied to each chunk of logits inside the pass; :func:`rcpo_losses.lm_head_spec`
+    reads ``weight``, ``bias``, ``softcap`` and ``logit_scale`` from a Hugging Face model.
 
     Equal to ``token_logps_and_entropy(hidden @ weight.T + bias, targets)``, with gradients
     to ``hidden``, ``weight`` and ``bias`` through both outputs, but the ``[N, V]`` logits
@@ -376,6 +490,15 @@ def fused_linear_token_stats(
             in the same pass anyway.
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
         validate: check the target ids (a device-to-host sync; skipped under ``torch.compile``).
+        softcap, logit_scale, temperature: the logit transform, as in
+            :func:`rcpo_losses.token_logps_and_entropy` (Gemma-2: ``softcap=30``).
+        process_group: vocabulary-parallel LM head: each rank passes its contiguous slice
+            ``(V_r, H)`` of ``weight`` (and ``(V_r,)`` of ``bias``), in rank order, the same
+            ``hidden`` and the same global ``targets``; every rank gets the exact
+            full-vocabulary outputs, from all-reduces of ``[N]``-sized vectors, and in the
+            backward its slice's weight gradient and the full ``hidden`` gradient (one
+            all-reduce of ``[N, H]``). Every rank must back-propagate the same loss. See
+            :mod:`rcpo_losses.vocab_parallel`.
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 inputs).
@@ -388,13 +511,32 @@ def fused_linear_token_stats(
         h = model.model(input_ids).last_hidden_state  # (B, T, H), no logits
         logp, ent = fused_linear_token_stats(h[:, :-1], model.lm_head.weight, input_ids[:, 1:])
     """
-    _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate)
+    _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate and process_group is None)
     check_positive_int("chunk_size", chunk_size, "rows")
+    transform = LogitTransform.make(softcap, logit_scale, temperature)
     use_triton = _backend.use_triton(backend, hidden)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).long().contiguous()
-    logp, ent, _ = fused_linear_token_stats_op(h, weight, bias, t, ignore_index, chunk_size or 0, use_triton, entropy)
+    args = () if transform is None else transform.args()
+    if process_group is not None:
+        from . import vocab_parallel as vp
+
+        V = weight.shape[0]
+        offset, total = vp.vocab_offset(V, process_group, weight.device)
+        _check_target_ids(t, total, ignore_index, validate)
+        local, owned = vp.local_targets(t, offset, V, ignore_index)
+        h = vp.copy_to_ranks(h, process_group)
+        stats = fused_linear_token_stats_op(
+            h, weight, bias, local, ignore_index, chunk_size or 0, use_triton, entropy, *args
+        )
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+        if not entropy:
+            ent = torch.zeros_like(ent)
+        return logp.reshape(shape), ent.reshape(shape)
+    logp, ent, _ = fused_linear_token_stats_op(
+        h, weight, bias, t, ignore_index, chunk_size or 0, use_triton, entropy, *args
+    )
     return logp.reshape(shape), ent.reshape(shape)
 
 
@@ -412,6 +554,10 @@ def fused_linear_response_stats(
     entropy: bool = True,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> ResponseTokenStats:
     r"""Sequence log-probs, entropy sums and lengths of responses, from final hidden states and the LM head.
 
@@ -428,6 +574,7 @@ def fused_linear_response_stats(
         weight: ``(V, H)`` (``model.lm_head.weight``); bias: optional ``(V,)``.
         labels, mask, shift_labels, num_responses, ignore_index: as in :func:`response_token_stats`.
         chunk_size, entropy, backend, validate: as in :func:`fused_linear_token_stats`.
+        softcap, logit_scale, temperature, process_group: as in :func:`fused_linear_token_stats`.
 
     Shape:
         - hidden: ``(*, T, H)``; labels, mask: ``(*, T)``.
@@ -454,5 +601,9 @@ def fused_linear_response_stats(
         entropy=entropy,
         backend=backend,
         validate=validate,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        temperature=temperature,
+        process_group=process_group,
     )
     return _response_sums(logp, ent, valid, num_responses, "hidden", hidden.shape)

@@ -24,15 +24,29 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("rcpo_losses::token_stats", mutates_args=())
-def token_stats(logits: Tensor, targets: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)``, each ``[N]``, of ``[N, V]`` logits and ``[N]`` targets (``block_v=0``: auto)."""
+def token_stats(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    block_v: int,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)``, each ``[N]``, of ``[N, V]`` logits and ``[N]`` targets (``block_v=0``: auto).
+
+    The statistics are those of ``softcap * tanh(logit_scale * logits / softcap) / temperature``
+    (``softcap=0``: ``logit_scale * logits / temperature``), transformed inside the kernel.
+    """
     from .kernels.token_stats import token_stats_forward
 
-    return token_stats_forward(logits, targets, ignore_index, block_v)
+    return token_stats_forward(logits, targets, ignore_index, block_v, softcap, logit_scale, temperature)
 
 
 @token_stats.register_fake
-def _(logits: Tensor, targets: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    logits: Tensor, targets: Tensor, ignore_index: int, block_v: int, softcap=0.0, logit_scale=1.0, temperature=1.0
+) -> tuple[Tensor, Tensor, Tensor]:
     N = logits.shape[0]
     dtype = _out_dtype(logits.dtype)
     return tuple(logits.new_empty((N,), dtype=dtype) for _ in range(3))
@@ -48,24 +62,42 @@ def token_stats_backward(
     grad_entropy: Tensor,
     ignore_index: int,
     block_v: int,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    grad_lse: Tensor | None = None,
 ) -> Tensor:
-    """Gradient ``[N, V]`` (logits' dtype) of ``sum(grad_logp * logp + grad_entropy * entropy)``."""
+    """Gradient ``[N, V]`` (logits' dtype, raw logits) of ``sum(grad_logp * logp + grad_entropy * entropy)``."""
     from .kernels.token_stats import token_stats_backward as launch
 
-    return launch(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v)
+    return launch(
+        logits,
+        targets,
+        lse,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        block_v,
+        softcap,
+        logit_scale,
+        temperature,
+        grad_lse,
+    )
 
 
 @token_stats_backward.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v):
+def _(logits, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, block_v, *transform_and_grad_lse):
     return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, targets, ignore_index, block_v = inputs
+    logits, targets, ignore_index, block_v, *transform = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
     ctx.ignore_index = ignore_index
     ctx.block_v = block_v
+    ctx.transform = tuple(transform) + (0.0, 1.0, 1.0)[len(transform) :]  # defaults, if left out
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -74,9 +106,12 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
     # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
     g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    # grad_lse is ignored: lse is an internal output (saved for the backward), never exposed.
-    grad = token_stats_backward(logits, targets, lse, entropy, g_logp, g_ent, ctx.ignore_index, ctx.block_v)
-    return grad, None, None, None
+    # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
+    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
+    grad = token_stats_backward(
+        logits, targets, lse, entropy, g_logp, g_ent, ctx.ignore_index, ctx.block_v, *ctx.transform, g_lse
+    )
+    return grad, None, None, None, None, None, None
 
 
 token_stats.register_autograd(_backward, setup_context=_setup_context)
@@ -84,8 +119,12 @@ token_stats_backward.register_autograd(no_double_backward("token_logps_and_entro
 
 
 def token_logps_and_entropy_triton(
-    logits: Tensor, targets: Tensor, ignore_index: int = -100, block_v: int = 0
+    logits: Tensor, targets: Tensor, ignore_index: int = -100, block_v: int = 0, transform=None
 ) -> tuple[Tensor, Tensor]:
-    """Triton path of :func:`rcpo_losses.token_logps_and_entropy` for ``[N, V]`` logits and ``[N]`` targets."""
-    logp, ent, _ = token_stats(logits, targets, ignore_index, block_v)
+    """Triton path of :func:`rcpo_losses.token_logps_and_entropy` for ``[N, V]`` logits and ``[N]`` targets.
+
+    ``transform``: a :class:`rcpo_losses.tokens.LogitTransform` or None.
+    """
+    args = () if transform is None else transform.args()
+    logp, ent, _ = token_stats(logits, targets, ignore_index, block_v, *args)
     return logp, ent

@@ -9,6 +9,7 @@ the ``[N, V]`` logits is ever made. ``_token_stats_reference`` is the plain form
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -58,6 +59,64 @@ def _chunk_rows(chunk_size: int | None, V: int) -> int:
     return chunk_size  # checked by token_logps_and_entropy
 
 
+class LogitTransform(NamedTuple):
+    r"""``z' = c \tanh(a z / c) / T`` (``c`` = ``softcap``), or ``z' = a z / T`` when ``softcap`` is None.
+
+    ``a`` = ``logit_scale`` (``config.logit_scale``), ``c`` = ``softcap``
+    (``config.final_logit_softcapping``, Gemma-2), ``T`` = ``temperature``. Applied to each
+    chunk of logits in place; the capped logits are never kept for the backward, which
+    recomputes them and applies ``dz'/dz = (a / T) (1 - \tanh^2(a z / c))``.
+    """
+
+    softcap: float | None
+    logit_scale: float
+    temperature: float
+
+    @staticmethod
+    def make(softcap: float | None, logit_scale: float, temperature: float) -> LogitTransform | None:
+        """The checked transform, or None when it is the identity."""
+        for name, x in (("softcap", softcap), ("logit_scale", logit_scale), ("temperature", temperature)):
+            if x is None and name == "softcap":
+                continue
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise TypeError(f"{name}: expected a float, got {type(x).__name__}")
+            if not (math.isfinite(x) and x > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {x}")
+        if softcap is None and logit_scale == 1 and temperature == 1:
+            return None
+        return LogitTransform(None if softcap is None else float(softcap), float(logit_scale), float(temperature))
+
+    def apply_(self, z: Tensor) -> Tensor:
+        """``z'`` in place of ``z``."""
+        a, c, T = self.logit_scale, self.softcap, self.temperature
+        if c is None:
+            return z.mul_(a / T)
+        return z.mul_(a / c).tanh_().mul_(c / T)
+
+    def derivative_(self, zt: Tensor) -> Tensor | float:
+        """``dz'/dz`` from the transformed ``z'`` (overwritten), or a float when it is a constant."""
+        a, c, T = self.logit_scale, self.softcap, self.temperature
+        if c is None:
+            return a / T
+        return zt.mul_(T / c).square_().neg_().add_(1.0).mul_(a / T)  # (a / T) (1 - tanh^2)
+
+    def reference(self, z: Tensor) -> Tensor:
+        """``z'`` out of place, with plain autograd ops (the specification)."""
+        a, c, T = self.logit_scale, self.softcap, self.temperature
+        return z * (a / T) if c is None else c * torch.tanh(z * (a / c)) / T
+
+    def args(self) -> tuple[float, float, float]:
+        """``(softcap, logit_scale, temperature)`` for a custom op, with ``softcap=0.0`` meaning none."""
+        return (self.softcap or 0.0, self.logit_scale, self.temperature)
+
+
+def transform_from_args(softcap: float, logit_scale: float, temperature: float) -> LogitTransform | None:
+    """Inverse of :meth:`LogitTransform.args` (custom ops take no ``None`` floats)."""
+    if softcap == 0 and logit_scale == 1 and temperature == 1:
+        return None
+    return LogitTransform(softcap or None, logit_scale, temperature)
+
+
 def _safe_targets(targets: Tensor, valid: Tensor, V: int) -> Tensor:
     return torch.where(valid, targets, 0).clamp(0, max(V - 1, 0))
 
@@ -70,17 +129,34 @@ class _Workspace:
     keeps the pass at a fixed ``3 * chunk * V`` elements and avoids that churn.
     """
 
-    def __init__(self, logits: Tensor, chunk: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        logits: Tensor,
+        chunk: int,
+        dtype: torch.dtype,
+        transform: LogitTransform | None = None,
+        writable: bool = False,
+    ) -> None:
         shape = (min(chunk, logits.shape[0]), logits.shape[1])
-        # fp32/fp64 logits are read in place; bf16/fp16 ones are converted into self.z.
-        self.z = None if logits.dtype == dtype else torch.empty(shape, dtype=dtype, device=logits.device)
+        # fp32/fp64 logits are read in place; bf16/fp16 ones are converted into self.z, and so
+        # are transformed ones unless the caller owns the logits (``writable``: transformed in place).
+        copy = logits.dtype != dtype or (transform is not None and not writable)
+        self.z = torch.empty(shape, dtype=dtype, device=logits.device) if copy else None
         self.a = torch.empty(shape, dtype=dtype, device=logits.device)
         self.b = torch.empty(shape, dtype=dtype, device=logits.device)
+        self.transform = transform
 
     def rows(self, logits: Tensor, a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(z, buf_a, buf_b)`` for rows ``a:b``: the logits in the compute dtype (never written) and two buffers."""
+        """``(z, buf_a, buf_b)`` for rows ``a:b``: the (transformed) logits in the compute dtype and two buffers.
+
+        ``z`` is the caller's logits (never written) when there is neither a conversion nor a
+        transform; otherwise a buffer (or, ``writable``, the logits transformed in place) that
+        :func:`_chunk_logits_grad` may overwrite.
+        """
         n = b - a
         z = logits[a:b] if self.z is None else self.z[:n].copy_(logits[a:b])
+        if self.transform is not None:
+            self.transform.apply_(z)
         return z, self.a[:n], self.b[:n]
 
 
@@ -124,8 +200,14 @@ def _chunk_logits_grad(
     ent: Tensor,
     g_logp: Tensor,
     g_ent: Tensor | None,
+    transform: LogitTransform | None = None,
+    g_lse: Tensor | None = None,
 ) -> Tensor:
     """Gradient ``[n, V]`` of ``sum(g_logp * logp + g_ent * entropy)`` w.r.t. one chunk of logits ``z``.
+
+    With a ``transform``, ``z`` holds the transformed logits ``z'`` (a buffer, overwritten
+    here with ``dz'/dz``) and the gradient is w.r.t. the logits before the transform.
+    ``g_lse`` (``[n]``, optional): the gradient of the per-row ``lse`` too, ``+ g_lse p``.
 
     ``dL/dz_v = g_logp (1{v = t} - p_v) - g_ent p_v (log p_v + H)``, with ``log p = z - lse``
     from the forward's ``lse`` and ``H`` (``[n]``). Formed in place in ``log_p``'s buffer,
@@ -137,20 +219,23 @@ def _chunk_logits_grad(
     valid = targets != ignore_index
     safe = _safe_targets(targets, valid, V)
     gl = g_logp[:, None]
+    gp = gl if g_lse is None else (g_logp - g_lse)[:, None]  # the weight of the -p term
     torch.softmax(z, dim=-1, out=p)
     if g_ent is None:
-        g = torch.mul(p, gl, out=log_p).neg_()  # -p * g_logp
+        g = torch.mul(p, gp, out=log_p).neg_()  # -p * g_logp
     else:
         torch.sub(z, lse[:, None], out=log_p)
         # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
-        g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[:, None]).mul_(g_ent[:, None]).add_(gl).mul_(p).neg_()
+        g = log_p.clamp_(min=_LOG_P_FLOOR).add_(ent[:, None]).mul_(g_ent[:, None]).add_(gp).mul_(p).neg_()
     g.scatter_add_(1, safe[:, None], gl)  # + g_logp * onehot(t)
+    if transform is not None:
+        g.mul_(transform.derivative_(z))  # chain rule through z' = transform(z)
     g.masked_fill_(~valid[:, None], 0)  # ignored rows: 0 even if their logits hold NaN
     return g
 
 
 class _TokenStats(torch.autograd.Function):
-    """Chunked PyTorch path: ``[N, V]`` logits, ``[N]`` targets -> ``[N]`` logp, entropy.
+    """Chunked PyTorch path: ``[N, V]`` logits, ``[N]`` targets -> ``[N]`` logp, entropy, lse (all differentiable).
 
     Forward and backward both walk ``chunk`` rows at a time in a :class:`_Workspace` of
     three fp32 ``chunk x V`` buffers (two when the logits are fp32/fp64 already), through
@@ -159,13 +244,15 @@ class _TokenStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int, chunk: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, logits: Tensor, targets: Tensor, ignore_index: int, chunk: int, transform: LogitTransform | None
+    ) -> tuple[Tensor, Tensor]:
         N, V = logits.shape
         dtype = _compute_dtype(logits.dtype)
         logp = torch.empty(N, dtype=dtype, device=logits.device)
         ent = torch.empty(N, dtype=dtype, device=logits.device)
         lse = torch.empty(N, dtype=dtype, device=logits.device)
-        work = _Workspace(logits, chunk, dtype)
+        work = _Workspace(logits, chunk, dtype, transform)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             z, log_p, p = work.rows(logits, a, b)
@@ -173,11 +260,12 @@ class _TokenStats(torch.autograd.Function):
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.ignore_index = ignore_index
         ctx.chunk = chunk
-        return logp, ent
+        ctx.transform = transform
+        return logp, ent, lse
 
     @staticmethod
     @first_order_only("token_logps_and_entropy")
-    def backward(ctx, g_logp: Tensor, g_ent: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx, g_logp: Tensor, g_ent: Tensor, g_lse: Tensor) -> tuple[Tensor, None, None, None, None]:
         logits, targets, lse, ent = ctx.saved_tensors
         N, V = logits.shape
         dtype = lse.dtype
@@ -185,21 +273,35 @@ class _TokenStats(torch.autograd.Function):
         zero = torch.zeros((), dtype=dtype, device=logits.device)
         g_logp = torch.where(valid, g_logp.to(dtype), zero)
         g_ent = torch.where(valid, g_ent.to(dtype), zero)
+        g_lse = torch.where(valid, g_lse.to(dtype), zero)
         grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
-        work = _Workspace(logits, ctx.chunk, dtype)
+        work = _Workspace(logits, ctx.chunk, dtype, ctx.transform)
         for a in range(0, N, ctx.chunk):
             b = min(a + ctx.chunk, N)
             z, log_p, p = work.rows(logits, a, b)
             grad[a:b] = _chunk_logits_grad(
-                z, log_p, p, targets[a:b], ctx.ignore_index, lse[a:b], ent[a:b], g_logp[a:b], g_ent[a:b]
+                z,
+                log_p,
+                p,
+                targets[a:b],
+                ctx.ignore_index,
+                lse[a:b],
+                ent[a:b],
+                g_logp[a:b],
+                g_ent[a:b],
+                ctx.transform,
+                g_lse[a:b],
             )
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def _token_stats_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+def _token_stats_reference(
+    logits: Tensor, targets: Tensor, ignore_index: int = -100, transform: LogitTransform | None = None
+) -> tuple[Tensor, Tensor]:
     """The plain formulas, on the whole ``[..., V]`` tensor at once (the specification; memory-hungry)."""
     dtype = _compute_dtype(logits.dtype)
-    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+    z = logits.to(dtype)
+    log_p = torch.log_softmax(z if transform is None else transform.reference(z), dim=-1)
     valid = targets != ignore_index
     logp = log_p.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     ent = -(log_p.exp() * log_p.clamp(min=_LOG_P_FLOOR)).sum(-1)
@@ -244,12 +346,22 @@ def token_logps_and_entropy(
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token target log-prob and next-token entropy, in one pass over the vocabulary.
 
     .. math::
         \log p_t = z_t - \log \sum_v e^{z_v}, \qquad
         H = -\sum_v p_v \log p_v, \quad p = \operatorname{softmax}(z)
+
+    of the logits after the model's output transform,
+    :math:`z = c \tanh(a\,\ell / c) / T` (``c`` = ``softcap``, ``a`` = ``logit_scale``,
+    ``T`` = ``temperature``; :math:`z = a\,\ell / T` when ``softcap`` is None), applied
+    inside the same pass: the transformed logits are never stored, and the gradient to the
+    raw logits ``\ell`` includes :math:`dz/d\ell`.
 
     with gradients :math:`\partial \log p_t / \partial z = \mathrm{onehot}_t - p` and
     :math:`\partial H / \partial z = -p\,(\log p + H)`, both in one backward pass. ``H``
@@ -272,6 +384,16 @@ def token_logps_and_entropy(
         chunk_size: rows per chunk of the PyTorch path (ignored by the Triton kernel).
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
         validate: check the target ids (a device-to-host sync; skipped under ``torch.compile``).
+        softcap: ``c`` of Gemma-2's final logit soft-capping (``config.final_logit_softcapping``),
+            or None for none.
+        logit_scale: ``a``, a multiplier of the raw logits (``config.logit_scale``).
+        temperature: ``T``, the sampling temperature the log-probs are taken at.
+        process_group: vocabulary parallelism. Each rank of the group passes its contiguous
+            slice ``(*, V_r)`` of the logits (slices in rank order) and the same global
+            ``targets``; every rank gets the full-vocabulary ``(logp, entropy)``, exact, from
+            two all-reduces of ``[N]``-sized vectors (no gather of the logits). Every rank must
+            back-propagate the same loss; each gets its slice's gradient. See
+            :mod:`rcpo_losses.vocab_parallel`.
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 logits). The logits gradient
@@ -280,20 +402,36 @@ def token_logps_and_entropy(
     Shape:
         - logits: ``(*, V)``; targets: ``(*)``; outputs: ``(*)``, e.g. ``(B, T)`` from ``(B, T, V)``.
     """
-    _check_token_inputs(logits, targets, ignore_index, validate)
+    _check_token_inputs(logits, targets, ignore_index, validate and process_group is None)
     check_positive_int("chunk_size", chunk_size, "rows")
+    transform = LogitTransform.make(softcap, logit_scale, temperature)
     shape = targets.shape
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     if V > 1 and z.stride(-1) != 1:
         z = z.contiguous()
     t = targets.reshape(-1).long()
+    if process_group is not None:
+        from . import vocab_parallel as vp
+
+        offset, total = vp.vocab_offset(V, process_group, z.device)
+        _check_target_ids(t, total, ignore_index, validate)
+        local, owned = vp.local_targets(t, offset, V, ignore_index)
+        if _backend.use_triton(backend, logits):
+            from .token_ops import token_stats
+
+            args = () if transform is None else transform.args()
+            stats = token_stats(z, local.contiguous(), ignore_index, 0, *args)
+        else:
+            stats = _TokenStats.apply(z, local, ignore_index, _chunk_rows(chunk_size, V), transform)
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+        return logp.reshape(shape), ent.reshape(shape)
     if _backend.use_triton(backend, logits):
         from .token_ops import token_logps_and_entropy_triton
 
-        logp, ent = token_logps_and_entropy_triton(z, t.contiguous(), ignore_index)
+        logp, ent = token_logps_and_entropy_triton(z, t.contiguous(), ignore_index, transform=transform)
     else:
-        logp, ent = _TokenStats.apply(z, t, ignore_index, _chunk_rows(chunk_size, V))
+        logp, ent, _ = _TokenStats.apply(z, t, ignore_index, _chunk_rows(chunk_size, V), transform)
     return logp.reshape(shape), ent.reshape(shape)
 
 
@@ -331,6 +469,10 @@ def response_token_stats(
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    process_group: object | None = None,
 ) -> ResponseTokenStats:
     r"""Sequence log-probs, entropy sums and lengths of responses, from their logits.
 
@@ -357,6 +499,9 @@ def response_token_stats(
             The labels are shifted, never the logits (no copy of the logits).
         num_responses: reshape the flat leading dim ``B * S`` of the outputs to ``(B, S)``.
         ignore_index, chunk_size, backend, validate: as in :func:`token_logps_and_entropy`.
+        softcap, logit_scale, temperature: the logit transform, as in :func:`token_logps_and_entropy`.
+        process_group: vocabulary parallelism (``logits`` is this rank's ``(*, T, V_r)`` slice),
+            as in :func:`token_logps_and_entropy`.
 
     Shape:
         - logits: ``(*, T, V)``; labels, mask: ``(*, T)``.
@@ -374,7 +519,16 @@ def response_token_stats(
     check_positive_int("num_responses", num_responses, "responses per prompt")
     targets, valid = _completion_targets(labels, mask, ignore_index, shift_labels)
     logp, ent = token_logps_and_entropy(
-        logits, targets, ignore_index, chunk_size=chunk_size, backend=backend, validate=validate
+        logits,
+        targets,
+        ignore_index,
+        chunk_size=chunk_size,
+        backend=backend,
+        validate=validate,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        temperature=temperature,
+        process_group=process_group,
     )
     return _response_sums(logp, ent, valid, num_responses, "logits", logits.shape)
 
@@ -413,6 +567,9 @@ def entropy_dispersion_from_logits(
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
 ) -> Tensor:
     r"""Mallows dispersion weight ``-log phi(x)`` of each prompt, from the responses' logits.
 
@@ -424,7 +581,8 @@ def entropy_dispersion_from_logits(
     :func:`entropy_dispersion`). :func:`response_token_stats` followed by
     :func:`entropy_dispersion`; use those two directly to get the reference log-probs from
     the same pass. With ``detach=True`` (default) it runs under ``torch.no_grad()``: the
-    weight carries no gradient and no autograd state is kept.
+    weight carries no gradient and no autograd state is kept. ``softcap``, ``logit_scale``
+    and ``temperature`` transform the logits first, as in :func:`token_logps_and_entropy`.
 
     Shape:
         - logits: ``(B, S, T, V)`` or ``(B * S, T, V)`` (usually the reference model's);
@@ -448,6 +606,9 @@ def entropy_dispersion_from_logits(
             chunk_size=chunk_size,
             backend=backend,
             validate=validate,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            temperature=temperature,
         )
     return entropy_dispersion(
         stats.entropy_sums.reshape(ranks.shape),

@@ -40,6 +40,8 @@ t = torch.randint(0, V, (N,), generator=g)
 base = start()
 if mode == "chunked":
     logp, ent = token_logps_and_entropy(x, t, backend="torch")
+elif mode == "chunked_softcap":  # the transformed logits live only in the chunk buffers
+    logp, ent = token_logps_and_entropy(x, t, backend="torch", softcap=30.0, logit_scale=1.5, temperature=0.7)
 else:
     logp, ent = naive(x, t)
 (logp.sum() + ent.sum()).backward()
@@ -59,9 +61,12 @@ def test_chunked_path_allocates_a_small_fraction_of_the_logits():
     assert chunked["grad"] == COPY
     # Chunk temporaries (~2^20 fp32 elements each) and the [N] outputs: a few percent of one copy.
     assert chunked["extra"] < 0.08 * COPY, f"chunked path used {chunked['extra'] / COPY:.3f} extra copies"
+    capped = _measure("chunked_softcap")["extra"]
+    assert capped < 0.08 * COPY, f"soft-capped chunked path used {capped / COPY:.3f} extra copies"
 
     naive = _measure("naive")
     # The contrast: log_softmax, softmax, their product and the backward's buffers.
     assert naive["extra"] > 2.5 * COPY, f"naive path used only {naive['extra'] / COPY:.2f} extra copies"
     print(f"\nextra copies of the [4096, 32000] fp32 logits: chunked {chunked['extra'] / COPY:.3f}, ", end="")
+    print(f"soft-capped {capped / COPY:.3f}, ", end="")
     print(f"naive {naive['extra'] / COPY:.2f}")

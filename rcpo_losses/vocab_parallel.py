@@ -1,0 +1,97 @@
+"""Per-token log-probs and entropies when the vocabulary is split across ranks (tensor-parallel LM heads).
+
+Each rank of ``process_group`` holds a contiguous slice of the vocabulary, in rank order: the
+logits ``[N, V_r]``, or the LM head's weight ``[V_r, H]`` (Megatron's vocabulary-parallel
+head). The one-pass statistics of a slice are ``(lse_r, H_r)`` and, on the rank that holds
+the target, ``z_t``. They combine exactly, by the algebra of the online softmax update:
+
+    M = max_r lse_r,   a_r = exp(lse_r - M),   S = sum_r a_r
+    lse = M + log S,   H = log S + sum_r a_r (H_r - (lse_r - M)) / S,   log p_t = z_t - lse
+
+(``q_r = a_r / S`` is the probability mass of slice ``r``; ``H = sum_r q_r H_r - sum_r q_r log q_r``.)
+So the forward needs one all-reduce (max) of an ``[N]`` vector and one (sum) of a ``[3, N]``
+stack, plus a ``[P]`` one for the slices' offsets; no ``[N, V]`` gather. The outputs are the
+same on every rank; the backward assumes that every rank back-propagates the same loss
+(Megatron's convention) and needs no communication for the logits or the weight slice: each
+rank's slice gradient comes from its own ``(lse_r, H_r, z_t)`` gradients through the local
+one-pass backward. The replicated hidden states of the fused path get the sum of the ranks'
+partial gradients (one all-reduce of ``[N, H]``, as the input of a column-parallel linear does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: all-reduce (sum) over the group. Backward: identity (every rank holds the same loss)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Forward: identity (a replicated input). Backward: all-reduce (sum) of the ranks' partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def copy_to_ranks(x: Tensor, group) -> Tensor:
+    """``x`` unchanged; in the backward, its gradient summed over the ranks of ``group``."""
+    return _CopyToRanks.apply(x, group)
+
+
+def vocab_offset(local_size: int, group, device: torch.device) -> tuple[int, int]:
+    """``(offset, total)``: where this rank's vocabulary slice starts, and the full vocabulary size."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[rank] = local_size
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    return int(sizes[:rank].sum()), int(sizes.sum())
+
+
+def local_targets(targets: Tensor, offset: int, size: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """``(local ids, owned)``: targets in this rank's slice, shifted to it; other valid rows get id 0
+    (their statistics are still needed; only the target logit is masked out), ignored rows stay ignored."""
+    valid = targets != ignore_index
+    owned = valid & (targets >= offset) & (targets < offset + size)
+    local = torch.where(owned, targets - offset, torch.where(valid, 0, ignore_index))
+    return local, owned
+
+
+def combine(logp_r: Tensor, ent_r: Tensor, lse_r: Tensor, owned: Tensor, valid: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Global ``(logp, entropy)`` ``[N]`` from each rank's slice statistics (see the module docstring).
+
+    ``logp_r = z_t - lse_r`` where this rank ``owned`` the target; ``valid``: the target is not ignored.
+    """
+    zero = torch.zeros((), dtype=lse_r.dtype, device=lse_r.device)
+    lse_r = torch.where(valid, lse_r, zero)  # ignored rows: any lse (NaN included) -> 0
+    ent_r = torch.where(valid, ent_r, zero)
+    m = lse_r.detach().clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # a shift: lse does not depend on it
+    d = lse_r - m
+    a = torch.exp(d)
+    z_t = torch.where(owned, logp_r + lse_r, zero)
+    s, w, z_t = _SumOverRanks.apply(torch.stack([a, a * (ent_r - d), z_t]), group)
+    log_s = torch.log(s)
+    logp = torch.where(valid, z_t - (m + log_s), zero)
+    ent = torch.where(valid, log_s + w / s, zero)
+    return logp, ent
