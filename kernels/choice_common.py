@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Rank codes (rcpo_losses.ranks): a pick is >= 0.
-UNRANKED: tl.constexpr = -1
-IGNORE: tl.constexpr = -100
+# Rank codes (rcpo_losses.ranks): a pick is >= 0. A module global read inside @triton.jit
+# must be a tl.constexpr instance; an annotation `X: tl.constexpr = -1` runs under the
+# interpreter but the GPU compiler rejects it ("Cannot access global variable").
+UNRANKED = tl.constexpr(-1)
+IGNORE = tl.constexpr(-100)
 
 #: Elements of the register tile ``[ROWS, BLOCK_S]`` one program works on.
 TILE_ELEMENTS = 2048
