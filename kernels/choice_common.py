@@ -18,50 +18,69 @@ import triton.language as tl
 UNRANKED = tl.constexpr(-1)
 IGNORE = tl.constexpr(-100)
 
-#: Elements of the register tile ``[ROWS, BLOCK_S]`` one program works on.
-TILE_ELEMENTS = 2048
-#: Widest row that the kernels take in one block (``rcpo_losses.choice_ops`` falls back to
-#: the PyTorch reference above it).
+#: Bytes of rewards in the register tile ``[ROWS, BLOCK_S]`` of one program (when rows are many):
+#: 2048 fp32 or 1024 fp64 elements.
+TILE_BYTES = 4096
+#: Bytes of rewards per thread: ``num_warps = tile bytes / (32 * BYTES_PER_THREAD)``, 8 fp32 or
+#: 4 fp64 elements a thread. Chosen from the compiler's report (docs/kernels.md): fp64 never
+#: spills, and fp32 at S <= 16 needs few enough registers for 16+ resident warps per SM on sm_90.
+BYTES_PER_THREAD = 16
+#: Widest row that the kernels take in one block (the losses run the PyTorch reference above it).
 MAX_BLOCK_S = 4096
 
 
 @triton.jit
-def row_block(pid, B, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Row and column indices of program ``pid``'s tile, with the out-of-bounds masks."""
+def row_block(pid, B, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr):
+    """Row and column indices of program ``pid``'s tile, with the out-of-bounds mask.
+
+    ``CONTIG`` (``S == BLOCK_S``, rows contiguous): the mask is constant along a row, which
+    lets the compiler vectorize the loads and stores of a thread's columns.
+    """
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_S)
     row_ok = rows < B
-    in_bounds = row_ok[:, None] & (cols < S)[None, :]
+    if CONTIG:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
+        in_bounds = tl.broadcast_to(row_ok[:, None], (ROWS, BLOCK_S))
+    else:
+        in_bounds = row_ok[:, None] & (cols < S)[None, :]
     return rows.to(tl.int64), cols, row_ok, in_bounds
 
 
 @triton.jit
-def load_ranks(ranks_ptr, rows, cols, in_bounds, stride_b, stride_s):
-    """Ranks of the tile as int32; slots past the end of a row or of the batch read IGNORE."""
-    offs = rows[:, None] * stride_b + cols[None, :] * stride_s
-    return tl.load(ranks_ptr + offs, mask=in_bounds, other=IGNORE).to(tl.int32)
-
-
-@triton.jit
-def load_rewards(r_ptr, rows, cols, valid, stride_b, stride_s):
-    """Rewards of the tile; padding (``valid`` False) reads 0 and its memory is never touched.
-
-    Padding may hold NaN or inf: masking the load itself, not the value afterwards, keeps
-    it out of every later expression.
-    """
-    offs = rows[:, None] * stride_b + cols[None, :] * stride_s
-    return tl.load(r_ptr + offs, mask=valid, other=0.0)
+def tile_offsets(rows, cols, stride_b, stride_s, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr):
+    """Element offsets of the tile; ``CONTIG``: the row stride is the constexpr ``BLOCK_S``."""
+    if CONTIG:
+        return rows[:, None] * BLOCK_S + cols[None, :]
+    return rows[:, None] * stride_b + cols[None, :] * stride_s
 
 
 @triton.jit
 def load_tile(
-    r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS: tl.constexpr, BLOCK_S: tl.constexpr
+    r_ptr,
+    ranks_ptr,
+    B,
+    S,
+    stride_rb,
+    stride_rs,
+    stride_kb,
+    stride_ks,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
-    """This program's tile: indices and masks, ranks, the assortment mask and the rewards."""
-    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
-    rank = load_ranks(ranks_ptr, rows, cols, in_bounds, stride_kb, stride_ks)
+    """This program's tile: indices and masks, ranks (int32), the assortment mask and the rewards.
+
+    Slots past the end of a row or of the batch read as ``IGNORE``. The rewards are loaded
+    with the bounds mask only (a data-dependent mask would keep the load scalar), then
+    padding is replaced by 0 before any arithmetic: padding may hold NaN or inf, and the
+    ``tl.where`` keeps it out of every later expression.
+    """
+    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S, CONTIG)
+    k_offs = tile_offsets(rows, cols, stride_kb, stride_ks, BLOCK_S, CONTIG)
+    rank = tl.load(ranks_ptr + k_offs, mask=in_bounds, other=IGNORE).to(tl.int32)
     valid = (rank >= 0) | (rank == UNRANKED)
-    x = load_rewards(r_ptr, rows, cols, valid, stride_rb, stride_rs)
+    r_offs = tile_offsets(rows, cols, stride_rb, stride_rs, BLOCK_S, CONTIG)
+    x = tl.where(valid, tl.load(r_ptr + r_offs, mask=in_bounds, other=0.0), 0.0)
     return rows, cols, row_ok, in_bounds, rank, valid, x
 
 
@@ -72,16 +91,16 @@ def load_row_scalars(ptr, rows, row_ok, stride):
 
 
 @triton.jit
-def store_tile(ptr, value, rows, cols, in_bounds, stride_b):
-    tl.store(ptr + rows[:, None] * stride_b + cols[None, :], value, mask=in_bounds)
+def store_tile(ptr, value, rows, cols, in_bounds, S, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr):
+    """Store a tile into a contiguous ``[B, S]`` tensor."""
+    tl.store(ptr + tile_offsets(rows, cols, S, 1, BLOCK_S, CONTIG), value, mask=in_bounds)
 
 
-def block_config(B: int, S: int) -> tuple[int, int, int]:
-    """``(ROWS, BLOCK_S, num_warps)`` for a ``[B, S]`` problem."""
+def block_config(B: int, S: int, itemsize: int = 4) -> tuple[int, int, int]:
+    """``(ROWS, BLOCK_S, num_warps)`` for a ``[B, S]`` problem with rewards of ``itemsize`` bytes."""
     block_s = max(2, triton.next_power_of_2(S))
-    rows = max(1, min(TILE_ELEMENTS // block_s, triton.next_power_of_2(max(B, 1))))
-    tile = rows * block_s
-    num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+    rows = max(1, min(TILE_BYTES // (block_s * itemsize), triton.next_power_of_2(max(B, 1))))
+    num_warps = max(1, min(16, rows * block_s * itemsize // (32 * BYTES_PER_THREAD)))
     return rows, block_s, num_warps
 
 
@@ -99,12 +118,17 @@ def device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def launch_rows(kernel, rewards: torch.Tensor, *args) -> None:
-    """Run ``kernel[grid](*args, ROWS, BLOCK_S, num_warps)`` over the row blocks of ``rewards [B, S]``."""
+def launch_rows(kernel, rewards: torch.Tensor, ranks: torch.Tensor, *args) -> None:
+    """Run ``kernel[grid](*args, ROWS, BLOCK_S, CONTIG, num_warps)`` over the row blocks of ``rewards [B, S]``.
+
+    ``CONTIG`` when ``S == BLOCK_S`` and ``rewards`` and ``ranks`` are contiguous: the tile
+    is then one contiguous span of each tensor (and of the gradient the kernel writes).
+    """
     B, S = rewards.shape
     check_block(S)
     if B == 0:
         return
-    rows, block_s, num_warps = block_config(B, S)
+    rows, block_s, num_warps = block_config(B, S, rewards.element_size())
+    contig = block_s == S and rewards.is_contiguous() and ranks.is_contiguous()
     with device_guard(rewards):
-        kernel[(triton.cdiv(B, rows),)](*args, ROWS=rows, BLOCK_S=block_s, num_warps=num_warps)
+        kernel[(triton.cdiv(B, rows),)](*args, ROWS=rows, BLOCK_S=block_s, CONTIG=contig, num_warps=num_warps)

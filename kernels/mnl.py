@@ -82,9 +82,10 @@ def mnl_topk_fwd_kernel(
     stride_ks,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
     loss = tl.zeros([ROWS], dtype=x.dtype)
@@ -108,9 +109,10 @@ def mnl_topk_bwd_kernel(
     stride_ks,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
     g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
@@ -118,7 +120,7 @@ def mnl_topk_bwd_kernel(
     for i in range(0, tl.max(k, axis=0)):
         prob += _stage_softmax(x, rank, i, i < k)
     grad = (prob - (rank >= 0).to(x.dtype)) * g[:, None]
-    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S)
+    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S, BLOCK_S, CONTIG)
 
 
 def mnl_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -128,6 +130,7 @@ def mnl_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     launch_rows(
         mnl_topk_fwd_kernel,
         rewards,
+        ranks,
         rewards,
         ranks,
         loss,
@@ -146,6 +149,7 @@ def mnl_topk_bwd(grad_out: torch.Tensor, rewards: torch.Tensor, ranks: torch.Ten
     launch_rows(
         mnl_topk_bwd_kernel,
         rewards,
+        ranks,
         grad_out,
         rewards,
         ranks,

@@ -342,6 +342,27 @@ def test_strided_inputs_and_expanded_weight():
         assert_padding_grad_is_zero(grad, ranks)
 
 
+@pytest.mark.parametrize("S", [2, 8, 16])
+def test_contiguous_fast_path_matches_the_strided_path(S):
+    """S == BLOCK_S with contiguous rows takes the CONTIG path (padding is loaded, then zeroed); NaN stays out."""
+    case = make_case(6, 33, S, 2.0, pad=float("nan"))
+    r, ranks = on_device(case, torch.float32)
+    r_t = r.t().contiguous().t()  # column-major: the general path
+    w = torch.linspace(0.5, 1.5, 33, device=DEVICE)
+    for fn in (
+        lambda x: choice_ops.mnl_topk_rows(x, ranks),
+        lambda x: choice_ops.mallows_rmj_topk_rows(x, ranks, w),
+    ):
+        x, x_t = r.clone().requires_grad_(), r_t.clone().requires_grad_()
+        got, want = fn(x), fn(x_t)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        (grad_t,) = torch.autograd.grad(want.sum(), x_t)
+        torch.testing.assert_close(grad, grad_t, rtol=0, atol=0)
+        assert_padding_grad_is_zero(grad, ranks)
+
+
 def test_wide_rows_in_one_block():
     case = make_case(9, 3, 200, 1.0)
     r, ranks = on_device(case, torch.float64)
