@@ -8,10 +8,11 @@ become constexprs; ints divisible by 16 and 16-byte aligned pointers get divisib
 as for a contiguous tensor from PyTorch's allocator) and compiled with ``triton.compile``
 for sm_80, sm_90, sm_100 (ptxas ships with Triton) and gfx942 (Triton's AMD backend).
 
-From each binary: registers, spills (``cuobjdump --dump-resource-usage``: stack/local
-bytes; ``.vgpr_spill_count``/``.sgpr_spill_count`` on AMD), shared memory, theoretical
-occupancy in warps per SM with its limiter (NVIDIA), and the width in bits of every global
-load and store, attributed to the pointer argument it reads or writes (PTX def-use chains).
+From each binary: registers, spills (``cuobjdump --dump-resource-usage`` for stack/local
+bytes, then the STL/LDL instructions of the SASS; ``.vgpr_spill_count`` and
+``.sgpr_spill_count`` on AMD), shared memory, theoretical occupancy in warps per SM with
+its limiter (NVIDIA), and the width in bits of every global load and store, attributed to
+the pointer argument it reads or writes (PTX def-use chains).
 
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions
 by functions the compiler cannot take); ``tests/test_gpu_compile.py`` runs it in a
@@ -71,8 +72,9 @@ TOKEN_V = (32000, 128256, 151936)
 CHOICE_B = 4096
 TOKEN_N = 16384
 # Default (reduced) set: every kernel, the usual S, both rewards dtypes, both token widths.
-REDUCED_CHOICE = {(S, dt, kt) for S in (2, 8, 16, 512) for dt in CHOICE_DTYPES for kt in (torch.int64,)} | {
+REDUCED_CHOICE = {(S, dt, torch.int64) for S in (2, 8, 16, 512) for dt in CHOICE_DTYPES} | {
     (8, torch.float32, torch.int32),
+    (64, torch.float32, torch.int64),
     (4096, torch.float32, torch.int64),
 }
 REDUCED_TOKEN = {(torch.bfloat16, 128256), (torch.float32, 32000)}
@@ -191,6 +193,10 @@ def available(target: str) -> bool:
     return True
 
 
+def _sass(cubin: str) -> str:
+    return subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+
+
 def specialize(fn: JITFunction, target: GPUTarget, args: tuple, kwargs: dict):
     """``(signature, constexprs, attrs, options)`` exactly as ``fn[grid](*args, **kwargs)`` would compile."""
     backend = make_backend(target)
@@ -294,9 +300,12 @@ def compile_one(launch: Launch, target: str) -> dict:
             usage = subprocess.run(
                 [_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
             ).stdout
-        info = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-        res["regs"] = int(info["REG"])
-        res["spill_bytes"] = int(info["STACK"]) + int(info["LOCAL"])
+            info = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+            # Local memory in use: count the spill instructions themselves (STL/LDL) in the SASS.
+            sass = "" if info["STACK"] + info["LOCAL"] == 0 else _sass(f.name)
+        res["regs"] = info["REG"]
+        res["stack_bytes"] = info["STACK"] + info["LOCAL"]
+        res["spills"] = len(re.findall(r"\b(?:STL|LDL)\b", sass))
         res["warps_per_sm"], res["limiter"] = occupancy(target, res["regs"], res["shared"], res["num_warps"])
         ptx_params = [n if sig[n].startswith("*") else "" for n in fn.arg_names if sig[n] != "constexpr"]
         res["access"] = ptx_access_widths(ck.asm["ptx"], ptx_params)
@@ -304,7 +313,7 @@ def compile_one(launch: Launch, target: str) -> dict:
         asm = ck.asm["amdgcn"]
         counts = {k: int(v) for k, v in re.findall(r"\.(vgpr_count|vgpr_spill_count|sgpr_spill_count):\s+(\d+)", asm)}
         res["regs"] = counts.get("vgpr_count", -1)
-        res["spill_bytes"] = counts.get("vgpr_spill_count", 0) + counts.get("sgpr_spill_count", 0)
+        res["spills"] = counts.get("vgpr_spill_count", 0) + counts.get("sgpr_spill_count", 0)
         res["access"] = {"*": amd_access_widths(asm)}
     return res
 

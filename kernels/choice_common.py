@@ -18,12 +18,13 @@ import triton.language as tl
 UNRANKED = tl.constexpr(-1)
 IGNORE = tl.constexpr(-100)
 
-#: Bytes of rewards in the register tile ``[ROWS, BLOCK_S]`` of one program (when rows are many):
-#: 2048 fp32 or 1024 fp64 elements.
-TILE_BYTES = 4096
-#: Bytes of rewards per thread: ``num_warps = tile bytes / (32 * BYTES_PER_THREAD)``, 8 fp32 or
-#: 4 fp64 elements a thread. Chosen from the compiler's report (docs/kernels.md): fp64 never
-#: spills, and fp32 at S <= 16 needs few enough registers for 16+ resident warps per SM on sm_90.
+#: Bytes of rewards in the register tile ``[ROWS, BLOCK_S]`` of one program (when rows are
+#: many): 512 fp32 or 256 fp64 elements, 4 warps.
+TILE_BYTES = 2048
+#: Bytes of rewards per thread, ``num_warps = tile bytes / (32 * BYTES_PER_THREAD)`` (1 to 16):
+#: one 128-bit load, 4 fp32 or 2 fp64 elements. Chosen from the compiler's report
+#: (docs/kernels.md, benchmarks/static_report.py): no config spills on sm_80/90/100 or gfx942,
+#: and fp32 at S <= 16 keeps 40+ warps resident per SM on sm_90.
 BYTES_PER_THREAD = 16
 #: Widest row that the kernels take in one block (the losses run the PyTorch reference above it).
 MAX_BLOCK_S = 4096
