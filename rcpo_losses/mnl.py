@@ -46,7 +46,7 @@ def mnl_topk_nll(rewards: Tensor, ranks: Tensor) -> Tensor:
 
 
 def _rows(rewards: Tensor, ranks: Tensor, backend: str) -> Tensor:
-    if _backend.use_triton(backend, rewards):
+    if _backend.use_choice_kernel(backend, rewards):
         from .choice_ops import mnl_topk_rows
 
         return mnl_topk_rows(rewards, ranks)

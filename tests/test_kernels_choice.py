@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,15 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rcpo_losses import IGNORE, UNRANKED, _backend, mallows_rmj_topk, mnl_topk
+from rcpo_losses import (
+    IGNORE,
+    UNRANKED,
+    _backend,
+    mallows_rmj_topk,
+    mallows_rmj_topk_from_rewards,
+    mnl_topk,
+    mnl_topk_from_rewards,
+)
 from rcpo_losses.mallows import mallows_rmj_topk_sum
 from rcpo_losses.mnl import mnl_topk_nll
 
@@ -374,25 +383,30 @@ def test_wide_rows_in_one_block():
 
 
 def test_rows_wider_than_the_block_limit_fall_back_to_pytorch(monkeypatch):
+    """The losses decide (``_backend.use_choice_kernel``); the kernel wrappers never import the losses."""
     from rcpo_losses.kernels import choice_common
 
-    assert choice_ops.MAX_SLOTS == choice_common.MAX_BLOCK_S >= 64
+    assert choice_common.MAX_BLOCK_S >= 64
     with pytest.raises(ValueError, match="one-block limit"):
         choice_common.check_block(choice_common.MAX_BLOCK_S + 1)
+    source = Path(choice_ops.__file__).read_text()
+    assert "from .mnl" not in source and "from .mallows" not in source
 
     def no_kernel(*args):
-        raise AssertionError("the kernel ran above MAX_SLOTS")
+        raise AssertionError("the kernel ran above MAX_BLOCK_S")
 
-    monkeypatch.setattr(choice_ops, "MAX_SLOTS", 8)
+    monkeypatch.setattr(choice_common, "MAX_BLOCK_S", 8)
     monkeypatch.setattr(choice_ops, "mnl_topk_op", no_kernel)
     monkeypatch.setattr(choice_ops, "mallows_rmj_topk_op", no_kernel)
     case = make_case(8, 4, 12, 1.0)
     r, ranks = on_device(case, torch.float64)
-    w = torch.full((4,), 0.5, dtype=torch.float64, device=DEVICE)
-    torch.testing.assert_close(choice_ops.mnl_topk_rows(r, ranks).cpu(), mnl_topk_nll(case.rewards, case.ranks))
+    kw = {"reduction": "none", "backend": "triton"}
+    torch.testing.assert_close(mnl_topk_from_rewards(r, ranks, **kw).cpu(), mnl_topk_nll(case.rewards, case.ranks))
     torch.testing.assert_close(
-        choice_ops.mallows_rmj_topk_rows(r, ranks, w).cpu(), 0.5 * mallows_rmj_topk_sum(case.rewards, case.ranks)
+        mallows_rmj_topk_from_rewards(r, ranks, neg_log_phi=0.5, **kw).cpu(),
+        0.5 * mallows_rmj_topk_sum(case.rewards, case.ranks),
     )
+    assert not _backend.use_choice_kernel("triton", r) and _backend.use_choice_kernel("triton", r[:, :8])
 
 
 def test_empty_batch():
