@@ -477,3 +477,47 @@ def test_wrappers_check_shapes_and_devices():
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="w: on cpu"):
             choice_ops.mallows_rmj_topk_rows(r, ranks, torch.ones(3))
+
+
+# --- precision: each MNL stage is log(1 + sum_{j != pick} exp(r_j - r_pick)) ------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_well_separated_pair_keeps_relative_accuracy(backend):
+    """fp32 policy log-probs 500 and 200, beta 0.1: the loss is -logsigmoid(30) = 9.36e-14, not 0."""
+    policy = torch.tensor([[500.0, 200.0]], device=DEVICE, requires_grad=True)
+    ranks = torch.tensor([[0, UNRANKED]], device=DEVICE)
+    loss = mnl_topk(policy, None, ranks, beta=0.1, backend=backend)
+    (grad,) = torch.autograd.grad(loss, policy)
+    r = 0.1 * policy.detach().cpu().double()
+    want = -torch.nn.functional.logsigmoid(r[0, 0] - r[0, 1])
+    assert float(want) == pytest.approx(9.357622968839e-14, rel=1e-6)
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-5, atol=0)
+    want_grad = 0.1 * torch.sigmoid(r[0, 1] - r[0, 0])  # d/d policy_rejected; chosen gets minus that
+    torch.testing.assert_close(grad.double().cpu()[0], torch.stack([-want_grad, want_grad]), rtol=1e-5, atol=0)
+
+
+@settings(max_examples=40)
+@example(margin=30.0, base=500.0, dtype=torch.float32)
+@example(margin=-80.0, base=-3.0, dtype=torch.float32)
+@example(margin=700.0, base=0.0, dtype=torch.float64)
+@given(
+    margin=st.floats(-1e3, 1e3),
+    base=st.floats(-1e3, 1e3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_pairwise_mnl_is_minus_logsigmoid_to_relative_accuracy(margin, base, dtype):
+    """Pairwise MNL = -logsigmoid(r_w - r_l), to a relative tolerance, on both backends."""
+    r = torch.tensor([[base + margin, base]], dtype=dtype)
+    ranks = torch.tensor([[0, UNRANKED]])
+    diff = (r[:, 0] - r[:, 1]).double()  # the difference the loss sees, rounded as it rounds it
+    want = -torch.nn.functional.logsigmoid(diff)
+    tiny = torch.finfo(dtype).tiny  # below it (subnormal results) relative accuracy ends
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
+    for backend in ("torch", "triton"):
+        x = r.to(DEVICE).requires_grad_()
+        loss = mnl_topk_from_rewards(x, ranks.to(DEVICE), reduction="none", backend=backend)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        torch.testing.assert_close(loss.double().cpu(), want, rtol=rtol, atol=tiny)
+        p = torch.sigmoid(-diff)
+        torch.testing.assert_close(grad.double().cpu()[0], torch.cat([-p, p]), rtol=rtol, atol=tiny)
