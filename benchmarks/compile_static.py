@@ -200,6 +200,8 @@ def _sass(cubin: str) -> str:
 def specialize(fn: JITFunction, target: GPUTarget, args: tuple, kwargs: dict):
     """``(signature, constexprs, attrs, options)`` exactly as ``fn[grid](*args, **kwargs)`` would compile."""
     backend = make_backend(target)
+    if target.backend == "hip":  # NVIDIA-only options, which the launchers pass on CUDA builds of torch only
+        kwargs = {k: v for k, v in kwargs.items() if k != "maxnreg"}
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, spec, opts)

@@ -62,7 +62,7 @@ def _stage(x, rank, i):
     """
     others = _stage_others(rank, i)
     d = x - tl.sum(tl.where(rank == i, x, 0.0), axis=1)[:, None]
-    c = tl.maximum(tl.max(tl.where(others, d, float("-inf")), axis=1), 0.0)
+    c = tl.max(tl.where(others, d, 0.0), axis=1)  # max(0, max_others d)
     e = tl.exp(tl.where(others, d - c[:, None], float("-inf")))
     return c, e, tl.exp(-c) + tl.sum(e, axis=1)
 
@@ -131,12 +131,11 @@ def mnl_topk_bwd_kernel(
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
         r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
-    g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
     grad = tl.zeros([ROWS, BLOCK_S], dtype=x.dtype)
     for i in range(0, tl.max(k, axis=0)):
         grad += _stage_grad(x, rank, i, i < k)
-    grad = grad * g[:, None]
+    grad = grad * load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)[:, None]
     store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S, BLOCK_S, CONTIG)
 
 
