@@ -69,7 +69,8 @@ def table(report: dict) -> str:
             continue
         by_key.setdefault((r["kernel"], r["config"]), {})[r["target"]] = r
     lines = [
-        "| kernel | config | warps | sm_80 | sm_90 | sm_100 | gfx942 VGPRs | smem (sm_90) | loads (sm_90, bits) | stores |",
+        "| kernel | config | warps | sm_80 | sm_90 | sm_100 | gfx942 VGPRs | smem (sm_90) "
+        "| loads (sm_90, bits) | stores |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kernel, config), rows in by_key.items():
