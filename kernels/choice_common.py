@@ -31,28 +31,46 @@ MAX_BLOCK_S = 4096
 
 
 @triton.jit
-def row_block(pid, B, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr):
-    """Row and column indices of program ``pid``'s tile, with the out-of-bounds mask.
-
-    ``CONTIG`` (``S == BLOCK_S``, rows contiguous): the mask is constant along a row, which
-    lets the compiler vectorize the loads and stores of a thread's columns.
-    """
+def row_block(pid, B, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Row and column indices of program ``pid``'s tile, with the out-of-bounds masks."""
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_S)
     row_ok = rows < B
-    if CONTIG:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
-        in_bounds = tl.broadcast_to(row_ok[:, None], (ROWS, BLOCK_S))
-    else:
-        in_bounds = row_ok[:, None] & (cols < S)[None, :]
+    in_bounds = row_ok[:, None] & (cols < S)[None, :]
     return rows.to(tl.int64), cols, row_ok, in_bounds
 
 
 @triton.jit
-def tile_offsets(rows, cols, stride_b, stride_s, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr):
-    """Element offsets of the tile; ``CONTIG``: the row stride is the constexpr ``BLOCK_S``."""
+def contiguous_span(B, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``CONTIG`` tiles: the element offsets of this program's ``ROWS * BLOCK_S`` span, and its mask.
+
+    One flat span rather than ``[ROWS, BLOCK_S]`` offsets: a thread's elements may then run
+    across rows, so even ``S = 2`` gets 128-bit accesses (when ``B`` is a multiple of 16).
+    """
+    flat = tl.program_id(0).to(tl.int64) * (ROWS * BLOCK_S) + tl.arange(0, ROWS * BLOCK_S)
+    return flat, flat < B.to(tl.int64) * BLOCK_S
+
+
+@triton.jit
+def load_block(
+    ptr,
+    rows,
+    cols,
+    in_bounds,
+    B,
+    stride_b,
+    stride_s,
+    other,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
+):
+    """The ``[ROWS, BLOCK_S]`` tile of a ``[B, S]`` tensor; out of bounds reads ``other``."""
     if CONTIG:
-        return rows[:, None] * BLOCK_S + cols[None, :]
-    return rows[:, None] * stride_b + cols[None, :] * stride_s
+        flat, mask = contiguous_span(B, ROWS, BLOCK_S)
+        return tl.reshape(tl.load(ptr + flat, mask=mask, other=other), (ROWS, BLOCK_S))
+    offs = rows[:, None] * stride_b + cols[None, :] * stride_s
+    return tl.load(ptr + offs, mask=in_bounds, other=other)
 
 
 @triton.jit
@@ -75,14 +93,16 @@ def load_tile(
     with the bounds mask only (a data-dependent mask would keep the load scalar), then
     padding is replaced by 0 before any arithmetic: padding may hold NaN or inf, and the
     ``tl.where`` keeps it out of every later expression.
+
+    ``CONTIG`` (``S == BLOCK_S``, rewards and ranks contiguous): the tile is one contiguous
+    span of each tensor, loaded as such (``contiguous_span``).
     """
-    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S, CONTIG)
-    k_offs = tile_offsets(rows, cols, stride_kb, stride_ks, BLOCK_S, CONTIG)
-    rank = tl.load(ranks_ptr + k_offs, mask=in_bounds, other=IGNORE).to(tl.int32)
+    rows, cols, row_ok, in_bounds = row_block(tl.program_id(0), B, S, ROWS, BLOCK_S)
+    rank = load_block(ranks_ptr, rows, cols, in_bounds, B, stride_kb, stride_ks, IGNORE, ROWS, BLOCK_S, CONTIG)
+    rank = rank.to(tl.int32)
     valid = (rank >= 0) | (rank == UNRANKED)
-    r_offs = tile_offsets(rows, cols, stride_rb, stride_rs, BLOCK_S, CONTIG)
-    x = tl.where(valid, tl.load(r_ptr + r_offs, mask=in_bounds, other=0.0), 0.0)
-    return rows, cols, row_ok, in_bounds, rank, valid, x
+    x = load_block(r_ptr, rows, cols, in_bounds, B, stride_rb, stride_rs, 0.0, ROWS, BLOCK_S, CONTIG)
+    return rows, cols, row_ok, in_bounds, rank, valid, tl.where(valid, x, 0.0)
 
 
 @triton.jit
@@ -92,9 +112,15 @@ def load_row_scalars(ptr, rows, row_ok, stride):
 
 
 @triton.jit
-def store_tile(ptr, value, rows, cols, in_bounds, S, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr):
+def store_tile(
+    ptr, value, rows, cols, in_bounds, B, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, CONTIG: tl.constexpr
+):
     """Store a tile into a contiguous ``[B, S]`` tensor."""
-    tl.store(ptr + tile_offsets(rows, cols, S, 1, BLOCK_S, CONTIG), value, mask=in_bounds)
+    if CONTIG:
+        flat, mask = contiguous_span(B, ROWS, BLOCK_S)
+        tl.store(ptr + flat, tl.reshape(value, (ROWS * BLOCK_S,)), mask=mask)
+    else:
+        tl.store(ptr + rows[:, None] * S + cols[None, :], value, mask=in_bounds)
 
 
 def block_config(B: int, S: int, itemsize: int = 4) -> tuple[int, int, int]:

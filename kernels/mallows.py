@@ -139,7 +139,7 @@ def mallows_rmj_topk_bwd_kernel(
     tl.store(grad_w_ptr + rows, g * tl.sum(weight * sig, axis=1), mask=row_ok)
     c = weight * slope * (g * w)[:, None]
     grad = c - _scatter_to_predecessor(c, rank, pred_rank, k_max)
-    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S, BLOCK_S, CONTIG)
+    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, B, S, ROWS, BLOCK_S, CONTIG)
 
 
 def mallows_rmj_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

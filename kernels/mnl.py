@@ -136,7 +136,7 @@ def mnl_topk_bwd_kernel(
     for i in range(0, tl.max(k, axis=0)):
         grad += _stage_grad(x, rank, i, i < k)
     grad = grad * load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)[:, None]
-    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S, BLOCK_S, CONTIG)
+    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, B, S, ROWS, BLOCK_S, CONTIG)
 
 
 def mnl_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
