@@ -98,8 +98,8 @@ def table(report: dict) -> str:
         f"Triton {report['triton']}: {len(report['results'])} launch configurations compiled "
         f"({len(report['results']) - len(results)} failed, {spilled} spill; skipped targets: "
         f"{', '.join(report['skipped']) or 'none'}). NVIDIA cells: registers per thread / resident "
-        "warps per SM (what limits them). The table shows int64 ranks; int32 ranks give the same "
-        "or fewer registers."
+        "warps per SM (what limits them). The table shows int64 ranks; int32 ranks are within a few "
+        "registers of it (the full data: compile_static.py --full --json)."
     )
     return f"{summary}\n\n" + "\n".join(lines)
 
