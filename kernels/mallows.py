@@ -22,9 +22,9 @@ atomics, no index tensor in memory; bitwise reproducible.
 ``sigmoid(z) = 1 / (1 + e)`` for ``z >= 0``, ``e / (1 + e)`` below, and
 ``sigmoid'(z) = e / (1 + e)^2``, exact also where ``sigmoid`` rounds to 1.
 
-Rewards come in fp32 or fp64 and the arithmetic runs in that dtype. Padding is never
-loaded and gets a gradient of exactly 0. A row without a ranked response (invalid; the
-public losses drop it) gets loss 0 and gradient 0.
+Rewards come in fp32 or fp64 and the arithmetic runs in that dtype. Padding never
+reaches a result (it is zeroed after the load) and gets a gradient of exactly 0. A row
+without a ranked response (invalid; the public losses drop it) gets loss 0 and gradient 0.
 """
 
 from __future__ import annotations
