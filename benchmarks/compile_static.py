@@ -325,8 +325,15 @@ def _work(item):
     return compile_one(launches(full)[launch_index], target)
 
 
+#: Exit status when this Triton lacks the binder API used here (written against Triton 3.8).
+UNSUPPORTED_TRITON = 3
+
+
 def run(full: bool = False, targets: list[str] | None = None, jobs: int = 1) -> dict:
     """Compile the grid for ``targets`` (default: all with a toolchain). ``{"results": [...], "skipped": [...]}``."""
+    if not hasattr(JITFunction, "_pack_args"):
+        print(f"compile_static: Triton {triton.__version__} has no JITFunction._pack_args", file=sys.stderr)
+        raise SystemExit(UNSUPPORTED_TRITON)
     targets = targets or list(TARGETS)
     skipped = [t for t in targets if not available(t)]
     items = [(i, t, full) for t in targets if t not in skipped for i in range(len(launches(full)))]

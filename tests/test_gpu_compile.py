@@ -49,6 +49,8 @@ def report(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compile_static.py"), "--json", str(out)]
     proc = subprocess.run(cmd + (["--full"] if FULL else []), env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 3:  # compile_static.UNSUPPORTED_TRITON: a Triton without the 3.8 binder API
+        pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr[-5000:]
     data = json.loads(out.read_text())
     if not data["results"]:
