@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine (no network needed): run the test suite on the GPU with
-# compiled Triton kernels (TRITON_INTERPRET unset), then every benchmarks/bench_*.py, and
-# write a Markdown report.
+# One command for a CUDA machine (no network needed): run the tests on the GPU with
+# compiled Triton kernels (TRITON_INTERPRET unset), then the benchmarks, and write a
+# Markdown report.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      # default ./gpu_report
+#   bash benchmarks/gpu_check.sh [--quick] [OUT_DIR]      # default ./gpu_report
+#
+# Full mode: the whole test suite and every benchmarks/bench_*.py at its full grid.
+# --quick (fits one 6-minute call on one H100): the CUDA kernel tests (choice kernels,
+# token stats, fused linear) and the headline benchmark rows only:
+#   - choice losses (MNL, Mallows-RMJ), torch and triton, fwd+bwd at B=4096 and B=262144, S=8;
+#   - token stats, bf16 [16384, 128256], chunked and triton, fwd and fwd+bwd;
+#   - fused linear, N=4096, H=4096, V=128256, unfused and fused, fwd and fwd+bwd.
 #
 # OUT_DIR gets: env.txt, tests.txt, bench_<name>.{txt,json} per benchmark file, report.md.
 # Exit status: 0 when the tests and every benchmark file passed, 1 otherwise, 2 without CUDA.
 set -uo pipefail
 
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then
+    QUICK=1
+    shift
+fi
 OUT="${1:-./gpu_report}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -25,15 +37,33 @@ fi
     python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name())"
 } >"$OUT/env.txt" 2>&1
 
+# --quick: the benchmark rows to run, as a pattern on the pytest ids of each file.
+declare -A QUICK_ROWS=(
+    [bench_choice]='copy_baseline|\[[a-z_]+-(torch|triton)-(4096|262144)-8\]'
+    [bench_tokens]='\[(fwd|fwd_bwd)-(chunked|triton)-16384x128256\]'
+    [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused)-4096x4096x128256\]'
+)
+
 status=0
-python -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
+if [ "$QUICK" -eq 1 ]; then
+    tests=(tests/test_kernels_choice.py tests/test_tokens.py tests/test_fused_linear.py)
+else
+    tests=(tests)
+fi
+HYPOTHESIS_PROFILE=ci python -m pytest "${tests[@]}" -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 shopt -s nullglob
 jsons=()
 for bench in benchmarks/bench_*.py; do
     name="$(basename "$bench" .py)"
-    python -m pytest "$bench" -q -p no:cacheprovider --benchmark-json="$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"
+    select=("$bench")
+    if [ "$QUICK" -eq 1 ]; then
+        [ -n "${QUICK_ROWS[$name]:-}" ] || continue
+        mapfile -t select < <(python -m pytest "$bench" --collect-only -q -p no:cacheprovider | grep -E "${QUICK_ROWS[$name]}")
+        [ "${#select[@]}" -gt 0 ] || { echo "gpu_check: no quick rows in $bench" >&2; status=1; continue; }
+    fi
+    python -m pytest "${select[@]}" -q -p no:cacheprovider --benchmark-json="$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     [ -f "$OUT/$name.json" ] && jsons+=("$OUT/$name.json")
 done

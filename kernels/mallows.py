@@ -22,9 +22,9 @@ atomics, no index tensor in memory; bitwise reproducible.
 ``sigmoid(z) = 1 / (1 + e)`` for ``z >= 0``, ``e / (1 + e)`` below, and
 ``sigmoid'(z) = e / (1 + e)^2``, exact also where ``sigmoid`` rounds to 1.
 
-Rewards come in fp32 or fp64 and the arithmetic runs in that dtype. Padding is never
-loaded and gets a gradient of exactly 0. A row without a ranked response (invalid; the
-public losses drop it) gets loss 0 and gradient 0.
+Rewards come in fp32 or fp64 and the arithmetic runs in that dtype. Padding never
+reaches a result (it is zeroed after the load) and gets a gradient of exactly 0. A row
+without a ranked response (invalid; the public losses drop it) gets loss 0 and gradient 0.
 """
 
 from __future__ import annotations
@@ -97,9 +97,10 @@ def mallows_rmj_topk_fwd_kernel(
     stride_w,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
     w = load_row_scalars(w_ptr, rows, row_ok, stride_w).to(x.dtype)
     pred_rank, weight, k_max = _predecessors(rank, valid, x.dtype)
@@ -126,9 +127,10 @@ def mallows_rmj_topk_bwd_kernel(
     stride_w,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
     w = load_row_scalars(w_ptr, rows, row_ok, stride_w).to(x.dtype)
     g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
@@ -137,7 +139,7 @@ def mallows_rmj_topk_bwd_kernel(
     tl.store(grad_w_ptr + rows, g * tl.sum(weight * sig, axis=1), mask=row_ok)
     c = weight * slope * (g * w)[:, None]
     grad = c - _scatter_to_predecessor(c, rank, pred_rank, k_max)
-    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S)
+    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, B, S, ROWS, BLOCK_S, CONTIG)
 
 
 def mallows_rmj_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -147,6 +149,7 @@ def mallows_rmj_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor, w: torch.Te
     launch_rows(
         mallows_rmj_topk_fwd_kernel,
         rewards,
+        ranks,
         rewards,
         ranks,
         w,
@@ -170,6 +173,7 @@ def mallows_rmj_topk_bwd(
     launch_rows(
         mallows_rmj_topk_bwd_kernel,
         rewards,
+        ranks,
         grad_out,
         rewards,
         ranks,

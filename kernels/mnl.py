@@ -5,17 +5,22 @@ Specification: ``rcpo_losses.mnl.mnl_topk_nll``. Per row ``b`` with ``k`` picks,
     loss_b = sum_{i<k} [ logsumexp_{j in R_i} r_j - r_{y_i} ],   R_i = {j : rank_j >= i} ∪ U
     dloss_b / dr_j = sum_{i<k, j in R_i} softmax_{R_i}(r)_j - [j ranked]
 
+Each stage is computed shifted by its pick, ``log(1 + sum_{j in R_i, j != y_i}
+exp(r_j - r_{y_i}))`` (``log1p`` when every other reward is below the pick's, else shifted
+by the largest), so a tiny stage keeps its relative accuracy: a pair at a margin of 30
+gives ``-logsigmoid(30) = 9.4e-14``, not 0. The pick's gradient ``p - 1`` is written as
+``-sum_{others} p`` for the same reason.
+
 The kernels never build the ``[B, S, S]`` stage-by-item mask of the reference: a loop
 over the stages ``i`` (up to the largest ``k`` of the block) recomputes the membership
 ``j in R_i`` from the ranks held in registers, so each stage costs one masked max, one
-exp, one sum and one log over the ``[ROWS, BLOCK_S]`` tile. Every stage takes its own
-max, so each logsumexp is exact to rounding whatever the spread of the rewards. The
-backward recomputes the stages (nothing but the inputs is saved) and turns each stage's
-exponentials into softmax probabilities. No atomics: the sums run in a fixed order, and
-results are bitwise reproducible.
+exp, one sum and one log over the ``[ROWS, BLOCK_S]`` tile. The backward recomputes the
+stages (nothing but the inputs is saved) and turns each stage's exponentials into softmax
+probabilities. No atomics: the sums run in a fixed order, and results are bitwise
+reproducible.
 
 Rewards come in fp32 or fp64 and the arithmetic runs in that dtype; ranks in any integer
-dtype (read as int32). Padding (``IGNORE``) is never loaded and gets a gradient of
+dtype (read as int32). Padding (``IGNORE``) never reaches a result and gets a gradient of
 exactly 0. A row without a ranked response (invalid; the public losses drop it) gets
 loss 0 and gradient 0.
 """
@@ -36,37 +41,49 @@ from .choice_common import (
 
 
 @triton.jit
-def _stage_members(rank, i):
-    """``j in R_i``: still available at stage ``i`` (ranked at or after ``i``, or unranked)."""
-    return (rank >= i) | (rank == UNRANKED)
+def _stage_others(rank, i):
+    """``j in R_i, j != y_i``: still available at stage ``i`` and not its pick."""
+    return (rank > i) | (rank == UNRANKED)
 
 
 @triton.jit
-def _masked_exp_sum(x, member):
-    """Per row: ``m = max_{member} x``, ``e = exp(x - m)`` on members (0 elsewhere), ``s = sum e``.
+def _log1p(s):
+    """``log(1 + s)`` for ``s >= 0`` to relative accuracy, without libdevice (Goldberg's trick)."""
+    u = 1.0 + s
+    return tl.where(u == 1.0, s, tl.log(u) * (s / tl.where(u == 1.0, 1.0, u - 1.0)))
 
-    A row without members gets ``m = 0``, ``e = 0``, ``s = 0`` (no inf - inf).
+
+@triton.jit
+def _stage(x, rank, i):
+    """Stage ``i`` shifted by its pick: per row ``c``, ``e = exp(r_j - r_{y_i} - c)`` on the others, ``z``.
+
+    ``c = max(0, max_j r_j - r_{y_i})`` and ``z = exp(-c) + sum e``, so that the stage is
+    ``c + log(z)``, which is ``log1p(sum e)`` when ``c = 0``.
     """
-    m = tl.max(tl.where(member, x, float("-inf")), axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(tl.where(member, x - m[:, None], float("-inf")))
-    return m, e, tl.sum(e, axis=1)
+    others = _stage_others(rank, i)
+    d = x - tl.sum(tl.where(rank == i, x, 0.0), axis=1)[:, None]
+    c = tl.max(tl.where(others, d, 0.0), axis=1)  # max(0, max_others d)
+    e = tl.exp(tl.where(others, d - c[:, None], float("-inf")))
+    return c, e, tl.exp(-c) + tl.sum(e, axis=1)
 
 
 @triton.jit
 def _stage_nll(x, rank, i, active):
-    """``logsumexp_{R_i} r - r_{y_i}`` per row; 0 for rows whose list is shorter than ``i + 1``."""
-    m, _, s = _masked_exp_sum(x, _stage_members(rank, i))
-    lse = m + tl.log(tl.where(active, s, 1.0))
-    picked = tl.sum(tl.where(rank == i, x, 0.0), axis=1)
-    return tl.where(active, lse - picked, 0.0)
+    """``logsumexp_{R_i} r - r_{y_i} = log(1 + sum_{others} exp(r_j - r_{y_i}))``; 0 past the row's list."""
+    c, e, z = _stage(x, rank, i)
+    nll = tl.where(c > 0, c + tl.log(z), _log1p(tl.sum(e, axis=1)))
+    return tl.where(active, nll, 0.0)
 
 
 @triton.jit
-def _stage_softmax(x, rank, i, active):
-    """``softmax_{R_i}(r)`` over the tile; rows whose list is shorter than ``i + 1`` get 0."""
-    _, e, s = _masked_exp_sum(x, _stage_members(rank, i))
-    return tl.where(active[:, None], e / tl.where(active, s, 1.0)[:, None], 0.0)
+def _stage_grad(x, rank, i, active):
+    """Gradient of stage ``i``: ``softmax_{R_i}`` on the others, minus their sum on the pick.
+
+    The pick's ``p - 1`` is written as ``-sum_{others} p``: exact when ``p`` rounds to 1.
+    """
+    _, e, z = _stage(x, rank, i)
+    q = tl.where(active[:, None], e / z[:, None], 0.0)
+    return q - tl.where(rank == i, tl.sum(q, axis=1)[:, None], 0.0)
 
 
 @triton.jit
@@ -82,9 +99,10 @@ def mnl_topk_fwd_kernel(
     stride_ks,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
     loss = tl.zeros([ROWS], dtype=x.dtype)
@@ -108,17 +126,17 @@ def mnl_topk_bwd_kernel(
     stride_ks,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S
+        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
-    g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
     k = tl.sum((rank >= 0).to(tl.int32), axis=1)
-    prob = tl.zeros([ROWS, BLOCK_S], dtype=x.dtype)
+    grad = tl.zeros([ROWS, BLOCK_S], dtype=x.dtype)
     for i in range(0, tl.max(k, axis=0)):
-        prob += _stage_softmax(x, rank, i, i < k)
-    grad = (prob - (rank >= 0).to(x.dtype)) * g[:, None]
-    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, S)
+        grad += _stage_grad(x, rank, i, i < k)
+    grad = grad * load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)[:, None]
+    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, B, S, ROWS, BLOCK_S, CONTIG)
 
 
 def mnl_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -128,6 +146,7 @@ def mnl_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     launch_rows(
         mnl_topk_fwd_kernel,
         rewards,
+        ranks,
         rewards,
         ranks,
         loss,
@@ -146,6 +165,7 @@ def mnl_topk_bwd(grad_out: torch.Tensor, rewards: torch.Tensor, ranks: torch.Ten
     launch_rows(
         mnl_topk_bwd_kernel,
         rewards,
+        ranks,
         grad_out,
         rewards,
         ranks,

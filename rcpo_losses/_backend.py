@@ -1,4 +1,9 @@
-"""Backend choice: Triton kernels on CUDA, the PyTorch reference everywhere else."""
+"""Backend choice: Triton kernels on CUDA, the PyTorch reference everywhere else.
+
+The one place that decides: the losses ask ``use_triton`` (token statistics) or
+``use_choice_kernel`` (choice models, which adds the kernels' width limit); the kernel
+wrappers in ``choice_ops``/``token_ops`` only run kernels and never import the losses.
+"""
 
 from __future__ import annotations
 
@@ -43,3 +48,17 @@ def use_triton(backend: str, x: Tensor) -> bool:
             "or TRITON_INTERPRET=1 set before triton is first imported to run them on the CPU"
         )
     return True
+
+
+def use_choice_kernel(backend: str, rewards: Tensor) -> bool:
+    """Whether a choice-model loss runs its Triton kernel on ``rewards [B, S]`` under ``backend``.
+
+    As :func:`use_triton`, and the row must fit the kernels' one block,
+    ``S <= rcpo_losses.kernels.choice_common.MAX_BLOCK_S``; wider rows run the PyTorch
+    reference, with the same result. Triton is imported only when the Triton path is taken.
+    """
+    if not use_triton(backend, rewards):
+        return False
+    from .kernels.choice_common import MAX_BLOCK_S
+
+    return rewards.shape[-1] <= MAX_BLOCK_S

@@ -8,10 +8,9 @@ fused backward kernel. The ops are plain ``custom_op``s rather than ``triton_op`
 that they also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 
 This module imports Triton; ``rcpo_losses.mnl`` and ``rcpo_losses.mallows`` import it
-only when they take the Triton path (see ``rcpo_losses._backend.use_triton``).
-
-Limit: the kernels hold one row in one block of up to ``MAX_SLOTS`` slots. Wider
-problems (``S > MAX_SLOTS``) run the PyTorch reference instead, with the same result.
+only when they take the Triton path, and they alone decide that
+(``rcpo_losses._backend.use_choice_kernel``, which also sends rows wider than the kernels'
+one-block limit ``MAX_BLOCK_S`` to the PyTorch reference). This module never imports the losses.
 """
 
 from __future__ import annotations
@@ -19,13 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import choice_common as _common
 from .kernels import mallows as _mallows_kernels
 from .kernels import mnl as _mnl_kernels
 from .rewards import compute_dtype
-
-#: Widest ``S`` that the kernels take; above it the PyTorch reference runs.
-MAX_SLOTS = _common.MAX_BLOCK_S
 
 _KERNEL_RANK_DTYPES = (torch.int32, torch.int64)
 
@@ -114,7 +109,7 @@ mnl_topk_backward_op.register_autograd(_mnl_double_backward, setup_context=_mnl_
 
 
 def mnl_topk_rows(rewards: Tensor, ranks: Tensor) -> Tensor:
-    """Per-row MNL top-k loss ``[B]`` through the Triton kernel (PyTorch above ``MAX_SLOTS``).
+    """Per-row MNL top-k loss ``[B]`` through the Triton kernel (``S <= MAX_BLOCK_S``).
 
     Shape:
         - rewards: ``(B, S)`` float (computed in fp32, fp64 for fp64); ranks: ``(B, S)`` int.
@@ -122,10 +117,6 @@ def mnl_topk_rows(rewards: Tensor, ranks: Tensor) -> Tensor:
     """
     _check_shapes(rewards, ranks)
     rewards = rewards.to(compute_dtype(rewards))
-    if rewards.shape[-1] > MAX_SLOTS:
-        from .mnl import mnl_topk_nll
-
-        return mnl_topk_nll(rewards, ranks)
     return mnl_topk_op(rewards, _kernel_ranks(ranks))
 
 
@@ -192,7 +183,7 @@ mallows_rmj_topk_backward_op.register_autograd(_mallows_double_backward, setup_c
 
 
 def mallows_rmj_topk_rows(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
-    """Per-row Mallows-RMJ loss ``w * s`` ``[B]`` through the Triton kernel (PyTorch above ``MAX_SLOTS``).
+    """Per-row Mallows-RMJ loss ``w * s`` ``[B]`` through the Triton kernel (``S <= MAX_BLOCK_S``).
 
     Shape:
         - rewards: ``(B, S)`` float; ranks: ``(B, S)`` int; w: ``(B,)`` (may be expanded).
@@ -201,8 +192,4 @@ def mallows_rmj_topk_rows(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
     _check_shapes(rewards, ranks, w)
     rewards = rewards.to(compute_dtype(rewards))
     w = w.to(rewards.dtype)
-    if rewards.shape[-1] > MAX_SLOTS:
-        from .mallows import mallows_rmj_topk_sum
-
-        return w * mallows_rmj_topk_sum(rewards, ranks)
     return mallows_rmj_topk_op(rewards, _kernel_ranks(ranks), w)

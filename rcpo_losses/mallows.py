@@ -67,7 +67,7 @@ def _weight(neg_log_phi: float | Tensor, like: Tensor) -> Tensor:
 
 def _rows(rewards: Tensor, ranks: Tensor, neg_log_phi: float | Tensor, backend: str) -> Tensor:
     w = _weight(neg_log_phi, rewards)
-    if _backend.use_triton(backend, rewards):
+    if _backend.use_choice_kernel(backend, rewards):
         from .choice_ops import mallows_rmj_topk_rows
 
         return mallows_rmj_topk_rows(rewards, ranks, w)

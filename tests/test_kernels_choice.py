@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,15 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rcpo_losses import IGNORE, UNRANKED, _backend, mallows_rmj_topk, mnl_topk
+from rcpo_losses import (
+    IGNORE,
+    UNRANKED,
+    _backend,
+    mallows_rmj_topk,
+    mallows_rmj_topk_from_rewards,
+    mnl_topk,
+    mnl_topk_from_rewards,
+)
 from rcpo_losses.mallows import mallows_rmj_topk_sum
 from rcpo_losses.mnl import mnl_topk_nll
 
@@ -342,6 +351,27 @@ def test_strided_inputs_and_expanded_weight():
         assert_padding_grad_is_zero(grad, ranks)
 
 
+@pytest.mark.parametrize("S", [2, 8, 16])
+def test_contiguous_fast_path_matches_the_strided_path(S):
+    """S == BLOCK_S with contiguous rows takes the CONTIG path (padding is loaded, then zeroed); NaN stays out."""
+    case = make_case(6, 33, S, 2.0, pad=float("nan"))
+    r, ranks = on_device(case, torch.float32)
+    r_t = r.t().contiguous().t()  # column-major: the general path
+    w = torch.linspace(0.5, 1.5, 33, device=DEVICE)
+    for fn in (
+        lambda x: choice_ops.mnl_topk_rows(x, ranks),
+        lambda x: choice_ops.mallows_rmj_topk_rows(x, ranks, w),
+    ):
+        x, x_t = r.clone().requires_grad_(), r_t.clone().requires_grad_()
+        got, want = fn(x), fn(x_t)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        (grad_t,) = torch.autograd.grad(want.sum(), x_t)
+        torch.testing.assert_close(grad, grad_t, rtol=0, atol=0)
+        assert_padding_grad_is_zero(grad, ranks)
+
+
 def test_wide_rows_in_one_block():
     case = make_case(9, 3, 200, 1.0)
     r, ranks = on_device(case, torch.float64)
@@ -353,25 +383,30 @@ def test_wide_rows_in_one_block():
 
 
 def test_rows_wider_than_the_block_limit_fall_back_to_pytorch(monkeypatch):
+    """The losses decide (``_backend.use_choice_kernel``); the kernel wrappers never import the losses."""
     from rcpo_losses.kernels import choice_common
 
-    assert choice_ops.MAX_SLOTS == choice_common.MAX_BLOCK_S >= 64
+    assert choice_common.MAX_BLOCK_S >= 64
     with pytest.raises(ValueError, match="one-block limit"):
         choice_common.check_block(choice_common.MAX_BLOCK_S + 1)
+    source = Path(choice_ops.__file__).read_text()
+    assert "from .mnl" not in source and "from .mallows" not in source
 
     def no_kernel(*args):
-        raise AssertionError("the kernel ran above MAX_SLOTS")
+        raise AssertionError("the kernel ran above MAX_BLOCK_S")
 
-    monkeypatch.setattr(choice_ops, "MAX_SLOTS", 8)
+    monkeypatch.setattr(choice_common, "MAX_BLOCK_S", 8)
     monkeypatch.setattr(choice_ops, "mnl_topk_op", no_kernel)
     monkeypatch.setattr(choice_ops, "mallows_rmj_topk_op", no_kernel)
     case = make_case(8, 4, 12, 1.0)
     r, ranks = on_device(case, torch.float64)
-    w = torch.full((4,), 0.5, dtype=torch.float64, device=DEVICE)
-    torch.testing.assert_close(choice_ops.mnl_topk_rows(r, ranks).cpu(), mnl_topk_nll(case.rewards, case.ranks))
+    kw = {"reduction": "none", "backend": "triton"}
+    torch.testing.assert_close(mnl_topk_from_rewards(r, ranks, **kw).cpu(), mnl_topk_nll(case.rewards, case.ranks))
     torch.testing.assert_close(
-        choice_ops.mallows_rmj_topk_rows(r, ranks, w).cpu(), 0.5 * mallows_rmj_topk_sum(case.rewards, case.ranks)
+        mallows_rmj_topk_from_rewards(r, ranks, neg_log_phi=0.5, **kw).cpu(),
+        0.5 * mallows_rmj_topk_sum(case.rewards, case.ranks),
     )
+    assert not _backend.use_choice_kernel("triton", r) and _backend.use_choice_kernel("triton", r[:, :8])
 
 
 def test_empty_batch():
@@ -442,3 +477,47 @@ def test_wrappers_check_shapes_and_devices():
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="w: on cpu"):
             choice_ops.mallows_rmj_topk_rows(r, ranks, torch.ones(3))
+
+
+# --- precision: each MNL stage is log(1 + sum_{j != pick} exp(r_j - r_pick)) ------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_well_separated_pair_keeps_relative_accuracy(backend):
+    """fp32 policy log-probs 500 and 200, beta 0.1: the loss is -logsigmoid(30) = 9.36e-14, not 0."""
+    policy = torch.tensor([[500.0, 200.0]], device=DEVICE, requires_grad=True)
+    ranks = torch.tensor([[0, UNRANKED]], device=DEVICE)
+    loss = mnl_topk(policy, None, ranks, beta=0.1, backend=backend)
+    (grad,) = torch.autograd.grad(loss, policy)
+    r = 0.1 * policy.detach().cpu().double()
+    want = -torch.nn.functional.logsigmoid(r[0, 0] - r[0, 1])
+    assert float(want) == pytest.approx(9.357622968839e-14, rel=1e-6)
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-5, atol=0)
+    want_grad = 0.1 * torch.sigmoid(r[0, 1] - r[0, 0])  # d/d policy_rejected; chosen gets minus that
+    torch.testing.assert_close(grad.double().cpu()[0], torch.stack([-want_grad, want_grad]), rtol=1e-5, atol=0)
+
+
+@settings(max_examples=40)
+@example(margin=30.0, base=500.0, dtype=torch.float32)
+@example(margin=-80.0, base=-3.0, dtype=torch.float32)
+@example(margin=700.0, base=0.0, dtype=torch.float64)
+@given(
+    margin=st.floats(-1e3, 1e3),
+    base=st.floats(-1e3, 1e3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_pairwise_mnl_is_minus_logsigmoid_to_relative_accuracy(margin, base, dtype):
+    """Pairwise MNL = -logsigmoid(r_w - r_l), to a relative tolerance, on both backends."""
+    r = torch.tensor([[base + margin, base]], dtype=dtype)
+    ranks = torch.tensor([[0, UNRANKED]])
+    diff = (r[:, 0] - r[:, 1]).double()  # the difference the loss sees, rounded as it rounds it
+    want = -torch.nn.functional.logsigmoid(diff)
+    tiny = torch.finfo(dtype).tiny  # below it (subnormal results) relative accuracy ends
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
+    for backend in ("torch", "triton"):
+        x = r.to(DEVICE).requires_grad_()
+        loss = mnl_topk_from_rewards(x, ranks.to(DEVICE), reduction="none", backend=backend)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        torch.testing.assert_close(loss.double().cpu(), want, rtol=rtol, atol=tiny)
+        p = torch.sigmoid(-diff)
+        torch.testing.assert_close(grad.double().cpu()[0], torch.cat([-p, p]), rtol=rtol, atol=tiny)
