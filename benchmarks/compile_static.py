@@ -111,14 +111,14 @@ class _Recorder:
         return launch
 
 
-def record(module, launcher, *args) -> list[tuple[str, tuple, dict]]:
-    """The kernel launches that ``launcher(*args)`` makes, with every jit function of ``module`` intercepted."""
+def record(module, launcher, *args, **kwargs) -> list[tuple[str, tuple, dict]]:
+    """The launches ``launcher(*args, **kwargs)`` makes, with every jit function of ``module`` intercepted."""
     sink: list = []
     saved = {k: v for k, v in vars(module).items() if isinstance(v, JITFunction)}
     try:
         for k, v in saved.items():
             setattr(module, k, _Recorder(v, sink))
-        launcher(*args)
+        launcher(*args, **kwargs)
     finally:
         for k, v in saved.items():
             setattr(module, k, v)
@@ -149,13 +149,16 @@ def token_launches(dtype: torch.dtype, V: int, N: int = TOKEN_N) -> list[Launch]
     z, t = _meta(N, V, dtype=dtype), _meta(N, dtype=torch.int64)
     out = token_kernels.out_dtype(dtype)
     lse, ent, g1, g2 = (_meta(N, dtype=out) for _ in range(4))
+    capped = {"softcap": 30.0, "logit_scale": 0.5, "temperature": 0.7}  # Gemma-2's cap, the TRANSFORM=2 kernels
     calls = [
-        (token_kernels.token_stats_forward, (z, t, -100)),
-        (token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100)),
+        (token_kernels.token_stats_forward, (z, t, -100), {}),
+        (token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100), {}),
+        (token_kernels.token_stats_forward, (z, t, -100), capped),
+        (token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100), {**capped, "g_lse": g2}),
     ]
     meta = {"V": V, "dtype": _name(dtype)}
     config = f"V={V} {_name(dtype)}"
-    return [Launch(*rec, meta=meta, config=config) for f, a in calls for rec in record(token_kernels, f, *a)]
+    return [Launch(*rec, meta=meta, config=config) for f, a, kw in calls for rec in record(token_kernels, f, *a, **kw)]
 
 
 @functools.lru_cache
