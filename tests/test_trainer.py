@@ -57,9 +57,9 @@ def tokenizer():
     return train_rcpo.build_tokenizer(load_dataset("json", data_files=str(DATA), split="train"))
 
 
-def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", **kwargs):
+def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, **kwargs):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no")
-    model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+    model = tiny_llama(vocab_size=len(tokenizer), seed=0) if model is None else model
     return RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss,
                        beta=0.5, **kwargs)  # fmt: skip
 
@@ -155,6 +155,43 @@ def test_fused_linear_gives_the_same_loss_and_gradients(tokenizer, tmp_path, los
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def tiny_gemma2(vocab_size: int, softcap: float):
+    """A tiny Gemma-2 whose logits (tens) are far past its soft-cap ``softcap``."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=softcap,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+def test_fused_linear_applies_gemma2_softcap(tokenizer, tmp_path):
+    """The fused path reads the soft-cap from the model (lm_head_spec): same loss and gradients as the logits."""
+    results = []
+    for fused in (False, True):
+        model = tiny_gemma2(len(tokenizer), softcap=5.0)
+        trainer = perturbed(make_trainer(tokenizer, tmp_path, loss="mnl_topk", fused_linear=fused, model=model))
+        batch = trainer.data_collator(ROWS)
+        value = trainer.compute_loss(trainer.model, batch)
+        value.backward()
+        results.append((value.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}))
+        if fused:  # the cap matters here: without it the log-probs are far off
+            with torch.no_grad():
+                capped = trainer.response_stats(trainer.model, batch).logps
+                trainer.model.config.final_logit_softcapping = None
+                uncapped = trainer.response_stats(trainer.model, batch).logps
+            assert (capped - uncapped).abs().max() > 1.0
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_trl_style_config_fields_are_read(tokenizer, tmp_path):

@@ -24,6 +24,7 @@ from .. import nn as rcpo_nn
 from ..data import RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
 from ..fused_linear import fused_linear_response_stats
+from ..lm_head import final_hidden_states, lm_head_spec
 from ..metrics import ranking_metrics
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats, response_token_stats
@@ -104,8 +105,9 @@ class RCPOTrainer(Trainer):
         beta: KL strength of eq. 2 (default 0.1).
         k: longest top-k list kept from each row (``None``: all that the feedback orders).
         fused_linear: compute log-probs and entropies from the final hidden states and the
-            LM head (:func:`~rcpo_losses.fused_linear_response_stats`): the ``[N, L, V]``
-            logits are never formed.
+            LM head (:func:`~rcpo_losses.fused_linear_response_stats`), with the model's logit
+            transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping): the
+            ``[N, L, V]`` logits are never formed.
         max_length, max_prompt_length, ties: passed to the collator.
         **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
@@ -182,7 +184,8 @@ class RCPOTrainer(Trainer):
         the model runs once on each real completion; the dropped slots get 0. The model is
         called through its own forward (so DDP's hooks run): for ``fused_linear`` with
         ``output_hidden_states=True`` and ``logits_to_keep=1`` (no full logits), the final
-        hidden states then go with the LM head to ``fused_linear_response_stats``.
+        hidden states then go with the LM head and the model's logit transform
+        (``lm_head_spec``) to ``fused_linear_response_stats``.
         """
         B, S, L = inputs["input_ids"].shape
         keep = (inputs["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
@@ -191,12 +194,10 @@ class RCPOTrainer(Trainer):
         ids = inputs["input_ids"].reshape(B * S, L)[keep, :T]
         attention, mask = attention[:, :T], inputs["completion_mask"].reshape(B * S, L)[keep, :T]
         if self.fused_linear:
-            out = model(
-                input_ids=ids, attention_mask=attention, output_hidden_states=True, logits_to_keep=1, use_cache=False
-            )
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            hidden = final_hidden_states(model, ids, attention)
+            spec = lm_head_spec(self.accelerator.unwrap_model(model))  # Gemma-2's softcap, a logit scale
             stats = fused_linear_response_stats(
-                out.hidden_states[-1], head.weight, ids, mask, shift_labels=True, bias=head.bias, entropy=entropy
+                hidden, labels=ids, mask=mask, shift_labels=True, entropy=entropy, **spec.as_kwargs()
             )
         else:
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
