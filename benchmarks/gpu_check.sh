@@ -41,12 +41,12 @@ fi
 declare -A QUICK_ROWS=(
     [bench_choice]='copy_baseline|\[[a-z_]+-(torch|triton)-(4096|262144)-8\]'
     [bench_tokens]='\[(fwd|fwd_bwd)-(chunked|triton)-16384x128256\]'
-    [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused)-4096x4096x128256\]'
+    [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused)-4096x4096x128256-bfloat16\]'
 )
 
 status=0
 if [ "$QUICK" -eq 1 ]; then
-    tests=(tests/test_kernels_choice.py tests/test_tokens.py tests/test_fused_linear.py)
+    tests=(tests/test_kernels_choice.py tests/test_tokens.py tests/test_logit_transform.py tests/test_fused_linear.py)
 else
     tests=(tests)
 fi

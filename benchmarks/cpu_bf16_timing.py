@@ -1,6 +1,6 @@
 """bf16 vs fp32, fused vs unfused, forward + backward on the CPU, in one interleaved run.
 
-    python benchmarks/bench_cpu_bf16.py [--n 4096 --h 512 --v 32000 --rounds 5]
+    python benchmarks/cpu_bf16_timing.py [--n 4096 --h 512 --v 32000 --rounds 5]
 
 Each round runs every implementation once, in turn, so that the load of a shared machine
 hits them alike; the table gives the minimum and the median over the rounds. Forward, then
