@@ -10,7 +10,9 @@ that they also run on CPU tensors under the Triton interpreter (``TRITON_INTERPR
 This module imports Triton; ``rcpo_losses.mnl`` and ``rcpo_losses.mallows`` import it
 only when they take the Triton path, and they alone decide that
 (``rcpo_losses._backend.use_choice_kernel``, which also sends rows wider than the kernels'
-one-block limit ``MAX_BLOCK_S`` to the PyTorch reference). This module never imports the losses.
+one-block limit ``MAX_BLOCK_S`` to the PyTorch reference). This module never dispatches back
+into the losses; it takes only their PyTorch specifications (``mnl_topk_nll``,
+``mallows_rmj_topk_sum``), lazily, for the second-order derivative.
 """
 
 from __future__ import annotations
