@@ -85,7 +85,7 @@ def worker(rank: int, world: int, store: str, out_dir: str, backends: list[str])
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    os._exit(0)  # as in test_ddp.py: no gloo thread teardown races at exit
+    os._exit(0)  # as in test_data_parallel.py: no gloo thread teardown races at exit
 
 
 @pytest.mark.parametrize("world", [2, 4])
