@@ -149,16 +149,19 @@ def token_launches(dtype: torch.dtype, V: int, N: int = TOKEN_N) -> list[Launch]
     z, t = _meta(N, V, dtype=dtype), _meta(N, dtype=torch.int64)
     out = token_kernels.out_dtype(dtype)
     lse, ent, g1, g2 = (_meta(N, dtype=out) for _ in range(4))
-    capped = {"softcap": 30.0, "logit_scale": 0.5, "temperature": 0.7}  # Gemma-2's cap, the TRANSFORM=2 kernels
+    capped = {"softcap": 30.0, "logit_scale": 0.5, "temperature": 0.7}  # Gemma-2's cap: the TRANSFORM=2 kernels
     calls = [
-        (token_kernels.token_stats_forward, (z, t, -100), {}),
-        (token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100), {}),
-        (token_kernels.token_stats_forward, (z, t, -100), capped),
-        (token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100), {**capped, "g_lse": g2}),
+        ("", token_kernels.token_stats_forward, (z, t, -100), {}),
+        ("", token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100), {}),
+        (" softcap", token_kernels.token_stats_forward, (z, t, -100), capped),
+        (" softcap", token_kernels.token_stats_backward, (z, t, lse, ent, g1, g2, -100), {**capped, "g_lse": g2}),
     ]
     meta = {"V": V, "dtype": _name(dtype)}
-    config = f"V={V} {_name(dtype)}"
-    return [Launch(*rec, meta=meta, config=config) for f, a, kw in calls for rec in record(token_kernels, f, *a, **kw)]
+    return [
+        Launch(*rec, meta=meta, config=f"V={V} {_name(dtype)}{label}")
+        for label, f, a, kw in calls
+        for rec in record(token_kernels, f, *a, **kw)
+    ]
 
 
 @functools.lru_cache
