@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .ranks import IGNORE, UNRANKED, in_assortment, list_length, mask_invalid_rows
+from .ranks import UNRANKED, in_assortment, list_length, mask_invalid_rows, mask_rows
 from .rewards import compute_dtype, implicit_rewards
 
 
@@ -141,7 +141,4 @@ def discrete_ranks(ranks: Tensor, validate: bool) -> Tensor:
             f"ranks[{b}]: single-best (discrete) feedback needs k = 1, got k = {int(k[b])}; "
             "use the *_topk loss for top-k lists"
         )
-    if _checks.should_sync(validate):
-        return ranks
-    ranks = ranks if ranks.dtype.is_signed else ranks.long()
-    return torch.where((k == 1)[:, None], ranks, IGNORE)
+    return ranks if _checks.should_sync(validate) else mask_rows(ranks, k == 1)

@@ -93,15 +93,20 @@ def valid_rows(ranks: Tensor) -> Tensor:
     return row_checks(ranks).valid
 
 
-def mask_invalid_rows(ranks: Tensor) -> Tensor:
-    """``ranks`` with every invalid row turned into all-``IGNORE`` (on device, no sync).
+def mask_rows(ranks: Tensor, keep: Tensor) -> Tensor:
+    """``ranks`` with every row where ``keep`` (bool ``[B]``) is False turned into all-``IGNORE`` (no sync).
 
     Applied before any backend runs, so that the Triton kernels and the PyTorch reference
-    see the same input: an invalid row then has no response, hence loss 0, gradient 0,
-    and no place in the mean.
+    see the same input: a masked row has no response, hence loss 0, gradient 0, and no
+    place in the mean.
     """
     ranks = ranks if ranks.dtype.is_signed else ranks.long()  # uint8 cannot hold IGNORE
-    return torch.where(valid_rows(ranks)[:, None], ranks, IGNORE)
+    return torch.where(keep[:, None], ranks, IGNORE)
+
+
+def mask_invalid_rows(ranks: Tensor) -> Tensor:
+    """``ranks`` with every invalid row (see :func:`row_checks`) turned into all-``IGNORE``."""
+    return mask_rows(ranks, valid_rows(ranks))
 
 
 def ranks_from_scores(
