@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 
-from rcpo_losses import IGNORE, UNRANKED, mallows_rmj_topk, mnl_topk, precompute_reference_stats  # noqa: E402, F401
+from rcpo_losses import IGNORE, UNRANKED, entropy_dispersion, precompute_reference_stats  # noqa: E402
 from rcpo_losses.data import REF_COLUMNS  # noqa: E402
 from rcpo_losses.integrations.transformers import RCPOTrainer  # noqa: E402
 
@@ -208,3 +209,48 @@ def test_lora_on_the_lm_head_is_refused_by_the_fused_path(tokenizer, tmp_path): 
     with torch.no_grad():
         fused = make_trainer(tokenizer, tmp_path, model=merged, fused_linear=True).response_stats(merged, batch)
         torch.testing.assert_close(fused.logps, unfused.response_stats(merged, batch).logps, rtol=1e-5, atol=1e-5)
+
+
+# Trainer arguments of each batch layout; a layout is one more entry here.
+LAYOUTS = {"padded": {}}
+
+
+def closed_form_at_zero(loss: str, ranks: torch.Tensor, neg_log_phi: torch.Tensor) -> float:
+    """The loss at r = 0, from the list lengths alone (mean over rows).
+
+    MNL-Top-k: ``sum_{i=1..k} log |R_i|`` with ``|R_i| = n - i + 1``; Mallows-RMJ-Top-k (sigma(0) = 1/2):
+    ``w * (sum_{i=1..k-1} (n - i) / 2 + |U| / 2)`` with ``|U| = n - k``.
+    """
+    values = []
+    for b, row in enumerate(ranks.tolist()):
+        n = sum(v != IGNORE for v in row)
+        k = sum(v >= 0 for v in row)
+        assert n - k == sum(v == UNRANKED for v in row)
+        if loss == "mnl_topk":
+            values.append(sum(math.log(n - i) for i in range(k)))
+        else:
+            values.append(float(neg_log_phi[b]) * (sum((n - i) / 2 for i in range(1, k)) + (n - k) / 2))
+    return sum(values) / len(values)
+
+
+def check_step_zero(loss_name, loss, rewards, ranks, neg_log_phi):
+    """Every reward exactly 0, and the loss its closed form at r = 0."""
+    assert torch.equal(rewards, torch.zeros_like(rewards)), rewards  # bitwise: policy and reference agree
+    want = closed_form_at_zero(loss_name, ranks, neg_log_phi)
+    assert want > 0
+    torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss", ["mnl_topk", "mallows_rmj_topk"])
+def test_step_zero_rewards_are_exactly_zero(tokenizer, tmp_path, layout, fused, loss):  # noqa: F811
+    trainer = make_trainer(tokenizer, tmp_path, loss=loss, fused_linear=fused, k=2, **LAYOUTS[layout])
+    batch = trainer.data_collator(ROWS)
+    assert (batch["ranks"] == UNRANKED).any()  # |U| > 0 somewhere
+    trainer.model.train()
+    value, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    with torch.no_grad():
+        ref = trainer.reference_stats(trainer.model, batch)
+    neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, batch["ranks"], trainer.vocab_size)
+    check_step_zero(loss, value.detach(), out["rewards"], batch["ranks"], neg_log_phi)

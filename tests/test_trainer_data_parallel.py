@@ -1,0 +1,108 @@
+"""RCPOTrainer itself on 2 gloo CPU processes equals 1 process on the same global batch.
+
+The reference model is prepared by the trainer's accelerator (``prepare_reference_model``):
+under DDP it is placed on the rank's device, unwrapped, once per rank. At step 0 the policy
+equals the reference, so every reward is exactly 0 and the loss its closed form.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from .test_reference_model import LAYOUTS, check_step_zero  # noqa: E402
+
+EXAMPLES = str(Path(__file__).resolve().parent.parent / "examples")
+WORLD, STEPS, PER_RANK = 2, 3, 2
+# 8 rows, 2 to 4 completions, top-2 lists: every step's global batch of 4 has the same rows on 1 or 2 processes.
+TEXTS = ["apple apple .", "apple .", "river .", "stone stone .", "stone .", "cloud .", "green .", "cloud cloud ."]
+ROWS = [
+    {"prompt": f"repeat {w} times", "completions": TEXTS[i % 5 : i % 5 + 2 + i % 3], "ranking": [1, 0][: 1 + i % 2]}
+    for i, w in enumerate(["apple", "stone", "cloud", "river", "green", "apple", "stone", "cloud"])
+]
+
+
+def run(world: int, loss: str, fused: bool, layout: str, out_dir: str):
+    """``STEPS`` SGD steps of RCPOTrainer with a global batch of 4 rows; the trainer and its step-0 records."""
+    sys.path.insert(0, EXAMPLES)
+    from ranked import tiny_llama
+    from train_rcpo import build_tokenizer
+    from transformers import TrainingArguments
+
+    from rcpo_losses import entropy_dispersion
+    from rcpo_losses.integrations.transformers import RCPOTrainer
+
+    class Recording(RCPOTrainer):
+        records: list = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = super().compute_loss(model, inputs, return_outputs=True)
+            if not self.records:
+                with torch.no_grad():
+                    ref = self.reference_stats(model, inputs)
+                phi = entropy_dispersion(ref.entropy_sums, ref.lengths, inputs["ranks"], self.vocab_size)
+                self.records.append((type(model).__name__, loss.detach(), out["rewards"], inputs["ranks"], phi))
+            return (loss, out) if return_outputs else loss
+
+    tokenizer = build_tokenizer(ROWS)
+    args = TrainingArguments(out_dir, max_steps=STEPS, per_device_train_batch_size=4 // world, learning_rate=0.05,
+                             optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                             save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+                             dataloader_drop_last=True)  # fmt: skip
+    model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+    trainer = Recording(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss, beta=0.5, k=2,
+                        fused_linear=fused, **LAYOUTS[layout])  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def worker(rank: int, store: str, loss: str, fused: bool, layout: str, out: str) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    # A file store, not TCP (see test_data_parallel.py); accelerate then uses this process group.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        trainer = run(WORLD, loss, fused, layout, os.path.dirname(out))
+        name, step0_loss, rewards, ranks, phi = trainer.records[0]
+        check_step_zero(loss, step0_loss, rewards, ranks, phi)  # this rank's half of the batch
+        ref = trainer.ref_model
+        assert type(ref).__name__ == "LlamaForCausalLM" and not ref.training  # unwrapped, eval: held once per rank
+        assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in trainer.model.parameters())
+        logs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        state = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+        if rank == 0:
+            torch.save({"losses": logs, "state": state, "wrapper": name}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("loss, fused", [("mallows_rmj_topk", False), ("mnl_topk", True)])
+def test_two_processes_equal_one(loss, fused, layout, tmp_path):
+    out = str(tmp_path / "out.pt")
+    mp.spawn(worker, args=(str(tmp_path / "store"), loss, fused, layout, out), nprocs=WORLD, join=True)
+    result = torch.load(out)
+    assert result["wrapper"] == "DistributedDataParallel"
+    one = run(1, loss, fused, layout, str(tmp_path / "one"))
+    check_step_zero(loss, *one.records[0][1:])
+    losses = [h["loss"] for h in one.state.log_history if "loss" in h]
+    assert len(losses) == STEPS
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert losses[-1] != losses[0]  # training moved
+    for name, value in one.model.named_parameters():
+        torch.testing.assert_close(result["state"][name], value.detach(), rtol=1e-4, atol=1e-6, msg=name)
