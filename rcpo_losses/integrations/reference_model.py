@@ -84,5 +84,16 @@ def _prepare_fsdp(model: nn.Module, accelerator) -> nn.Module:
         for module in list(model.modules())[1:]:
             if wrap is not None and wrap(module) and not isinstance(module, FSDPModule):
                 fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root (embeddings, final norm, LM head) stays gathered after the forward, as the policy's root
+    # does until its backward, so that the fused path can read the head (lm_head_spec); with no backward
+    # to reshard it, release_reference() reshards it after each use.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model.eval()
+
+
+def release_reference(model: nn.Module) -> None:
+    """Reshard an FSDP2 reference's root after its forward (no-op for any other model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()

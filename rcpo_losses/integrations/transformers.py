@@ -28,7 +28,7 @@ from ..metrics import ranking_metrics
 from ..precompute import has_reference_stats, padded_response_stats, precompute_reference_stats
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats
-from .reference_model import prepare_reference_model
+from .reference_model import prepare_reference_model, release_reference
 
 LISTWISE = {
     "mnl_discrete": rcpo_nn.MNLDiscreteLoss,
@@ -234,7 +234,10 @@ class RCPOTrainer(Trainer):
                 "holds no reference model; precompute them for every dataset (precompute_ref=True)"
             )
         with torch.no_grad(), self.reference_context(model):
-            return self.response_stats(model if self.ref_model is None else self.ref_model, inputs)
+            stats = self.response_stats(model if self.ref_model is None else self.ref_model, inputs)
+        if self.ref_model is not None:
+            release_reference(self.ref_model)  # an FSDP2 reference's root goes back to its shard
+        return stats
 
     def _precompute_reference(self) -> None:
         """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model."""
