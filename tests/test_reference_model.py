@@ -124,7 +124,10 @@ def test_precompute_ref_trains_with_no_reference_model(tokenizer, tmp_path, fuse
     assert held == {id(p) for p in trainer.model.parameters()}  # no reference parameters anywhere in the process
     assert all(set(REF_COLUMNS) <= set(r) for r in trainer.train_dataset)
     assert all(set(REF_COLUMNS) <= set(r) for r in trainer.eval_dataset)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
     trainer.train()
+    assert len(forwards) == 3  # one forward a step: the policy's; no reference forward
     live = run()  # the same run against a live copy of the reference
     live.train()
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (trainer, live)]
