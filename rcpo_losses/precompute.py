@@ -25,7 +25,13 @@ from .lm_head import final_hidden_states, lm_head_spec
 from .ranks import IGNORE
 from .tokens import ResponseTokenStats, response_token_stats
 
-__all__ = ["REF_COLUMNS", "has_reference_stats", "padded_response_stats", "precompute_reference_stats"]
+__all__ = [
+    "REF_COLUMNS",
+    "has_reference_stats",
+    "padded_response_stats",
+    "precompute_reference_stats",
+    "with_reference_columns",
+]
 
 
 def padded_response_stats(
@@ -139,17 +145,25 @@ def precompute_reference_stats(
                     columns[name].append(values[b, :n].tolist())
     finally:
         model.train(was_training)
-    if is_dataset:
-        rows = rows.remove_columns([name for name in REF_COLUMNS if name in rows.column_names])
-        for name in REF_COLUMNS:
-            rows = rows.add_column(name, columns[name])
-        return rows
-    out = [{**row, **{name: columns[name][i] for name in REF_COLUMNS}} for i, row in enumerate(rows)]
-    if output is not None:
+    out = with_reference_columns(rows, columns)
+    if output is not None and not is_dataset:
         with open(output, "w") as f:
             for row in out:
                 f.write(json.dumps(row) + "\n")
     return out
+
+
+def with_reference_columns(rows, columns: Mapping[str, Sequence[Sequence[float]]]):
+    """``rows`` with the ``ref_*`` columns set to ``columns[name]`` (one list per row), replacing any there.
+
+    A ``datasets.Dataset`` gets Arrow columns (a new ``Dataset``), a list of dicts new dicts.
+    """
+    if hasattr(rows, "column_names") and hasattr(rows, "add_column"):
+        rows = rows.remove_columns([name for name in REF_COLUMNS if name in rows.column_names])
+        for name in REF_COLUMNS:
+            rows = rows.add_column(name, list(columns[name]))
+        return rows
+    return [{**row, **{name: columns[name][i] for name in REF_COLUMNS}} for i, row in enumerate(rows)]
 
 
 def has_reference_stats(rows) -> bool:

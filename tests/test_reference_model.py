@@ -135,6 +135,8 @@ def test_precompute_ref_trains_with_no_reference_model(tokenizer, tmp_path, fuse
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(trainer.model.named_parameters(), live.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    evals = [t.evaluate()["eval_loss"] for t in (trainer, live)]  # the eval rows were precomputed too
+    torch.testing.assert_close(evals[0], evals[1], rtol=1e-5, atol=1e-6)
     # rows that already carry the columns: no reference model either
     del live
     before = live_models()
@@ -236,9 +238,16 @@ def closed_form_at_zero(loss: str, ranks: torch.Tensor, neg_log_phi: torch.Tenso
     return sum(values) / len(values)
 
 
-def check_step_zero(loss_name, loss, rewards, ranks, neg_log_phi):
-    """Every reward exactly 0, and the loss its closed form at r = 0."""
-    assert torch.equal(rewards, torch.zeros_like(rewards)), rewards  # bitwise: policy and reference agree
+def check_step_zero(loss_name, loss, rewards, ranks, neg_log_phi, exact=True):
+    """Every reward exactly 0, and the loss its closed form at r = 0.
+
+    ``exact=False`` for precomputed statistics: they come from other batches (other padding and
+    matrix shapes), so they agree with the policy's to fp32 rounding, not by construction bitwise.
+    """
+    if exact:
+        assert torch.equal(rewards, torch.zeros_like(rewards)), rewards  # bitwise: policy and reference agree
+    else:
+        torch.testing.assert_close(rewards, torch.zeros_like(rewards), rtol=0, atol=1e-6)
     want = closed_form_at_zero(loss_name, ranks, neg_log_phi)
     assert want > 0
     torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)

@@ -114,7 +114,7 @@ def worker(rank: int, store: str, layout: str, out: str) -> None:
         for loss, fused, precompute in CONFIGS:
             trainer = run(WORLD, loss, fused, precompute, layout, os.path.dirname(out))
             name, step0_loss, rewards, ranks, phi = trainer.records[0]
-            check_step_zero(loss, step0_loss, rewards, ranks, phi)  # this rank's half of the batch
+            check_step_zero(loss, step0_loss, rewards, ranks, phi, exact=not precompute)  # this rank's half
             ref = trainer.ref_model
             if precompute:
                 assert ref is None
@@ -144,7 +144,7 @@ def test_two_processes_equal_one(layout, tmp_path):
     for (loss, fused, precompute), result in zip(CONFIGS, results, strict=True):
         assert result["wrapper"] == "DistributedDataParallel"
         one = run(1, loss, fused, precompute, layout, str(tmp_path / "one"))
-        check_step_zero(loss, *one.records[0][1:])
+        check_step_zero(loss, *one.records[0][1:], exact=not precompute)
         losses = [h["loss"] for h in one.state.log_history if "loss" in h]
         assert len(losses) == STEPS and losses[-1] != losses[0]  # training moved
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ from .. import nn as rcpo_nn
 from ..data import REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
 from ..metrics import ranking_metrics
-from ..precompute import has_reference_stats, padded_response_stats, precompute_reference_stats
+from ..precompute import has_reference_stats, padded_response_stats, precompute_reference_stats, with_reference_columns
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats
 from .reference_model import prepare_reference_model, release_reference
@@ -240,17 +240,35 @@ class RCPOTrainer(Trainer):
         return stats
 
     def _precompute_reference(self) -> None:
-        """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model."""
+        """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model.
+
+        With several processes each computes every ``world``-th row and the columns are gathered,
+        so every rank ends with the whole dataset's statistics.
+        """
         reference = self.model if self.ref_model is None else self.ref_model.to(self.args.device)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
 
         def add(rows):
             if rows is None or has_reference_stats(rows):
                 return rows
+            mine = [rows[i] for i in range(rank, len(rows), world)]
             with self.reference_context(self.model):
-                return precompute_reference_stats(
-                    reference, rows, self.data_collator, batch_size=self.args.per_device_eval_batch_size,
-                    fused_linear=self.fused_linear, progress=not self.args.disable_tqdm,
+                part = precompute_reference_stats(
+                    reference, mine, self.data_collator, batch_size=self.args.per_device_eval_batch_size,
+                    fused_linear=self.fused_linear,
+                    progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
                 )  # fmt: skip
+            parts = [[[row[name] for name in REF_COLUMNS] for row in part]]
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                parts = gather_object(parts)  # one list per rank
+            columns = {name: [None] * len(rows) for name in REF_COLUMNS}
+            for r, values in enumerate(parts):
+                for i, row in zip(range(r, len(rows), world), values, strict=True):
+                    for name, value in zip(REF_COLUMNS, row, strict=True):
+                        columns[name][i] = value
+            return with_reference_columns(rows, columns)
 
         self.train_dataset = add(self.train_dataset)
         if isinstance(self.eval_dataset, dict):
