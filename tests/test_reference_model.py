@@ -266,3 +266,16 @@ def test_step_zero_rewards_are_exactly_zero(tokenizer, tmp_path, layout, fused, 
         ref = trainer.reference_stats(trainer.model, batch)
     neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, batch["ranks"], trainer.vocab_size)
     check_step_zero(loss, value.detach(), out["rewards"], batch["ranks"], neg_log_phi)
+
+
+def test_peft_precompute_is_the_base(tokenizer, tmp_path):  # noqa: F811
+    model = peft_llama(len(tokenizer), ["q_proj", "v_proj"])
+    base = tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=True, precompute_ref=True)
+    assert trainer.ref_model is None
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    with torch.no_grad():
+        want = trainer.response_stats(base, batch)
+    for name, value in zip(REF_COLUMNS, want, strict=True):
+        torch.testing.assert_close(batch[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))  # adapters back on
