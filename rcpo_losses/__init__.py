@@ -16,6 +16,7 @@ from .mallows import (
 )
 from .metrics import ranking_metrics
 from .mnl import mnl_discrete, mnl_log_likelihood, mnl_pairwise, mnl_topk, mnl_topk_from_rewards
+from .precompute import precompute_reference_stats
 from .ranks import IGNORE, UNRANKED, all_pairs, ranks_from_order, ranks_from_scores, top_bottom_pair
 from .rewards import implicit_rewards
 from .tokens import (
@@ -51,6 +52,7 @@ __all__ = [
     "mnl_pairwise",
     "mnl_topk",
     "mnl_topk_from_rewards",
+    "precompute_reference_stats",
     "ranking_metrics",
     "ranks_from_order",
     "ranks_from_scores",

@@ -24,6 +24,8 @@ from torch import Tensor
 from .ranks import IGNORE, UNRANKED
 
 TIES = ("error", "prefix")
+# Reference statistics stored with the rows (rcpo_losses.precompute): one value per completion.
+REF_COLUMNS = ("ref_logps", "ref_entropy_sums", "ref_lengths")
 
 
 def _where(row: int | None) -> str:
@@ -141,6 +143,11 @@ class RankedPreferenceCollator:
         - ``ranks``: int64 ``(B, S)``: ``0..k_b-1``, ``UNRANKED``, and ``IGNORE`` for the slots
           past a row's completions. Those slots hold the prompt alone (attended, so a model can
           run on them) with an empty completion mask.
+        - ``ref_logps``, ``ref_entropy_sums``: fp32 ``(B, S)``, ``ref_lengths``: int64 ``(B, S)``,
+          only when the rows carry them (:func:`rcpo_losses.precompute.precompute_reference_stats`);
+          0 in the padding slots, as the model statistics there. A row whose completion count or
+          tokenized completion lengths differ from its ``ref_lengths`` raises ``ValueError``
+          naming it: the statistics are stale.
     """
 
     def __init__(
@@ -248,4 +255,37 @@ class RankedPreferenceCollator:
             "attention_mask": attention_mask,
             "completion_mask": completion_mask,
             "ranks": out_ranks,
+            **reference_columns(rows, [[len(c) for c in cs] for _, cs in sequences], S),
         }
+
+
+def reference_columns(rows: Sequence[Mapping[str, Any]], lengths: list[list[int]], S: int) -> dict[str, Tensor]:
+    """The rows' precomputed ``ref_*`` columns as ``(B, S)`` tensors (0 in padding slots); ``{}`` if none has them.
+
+    ``lengths[b]`` are the tokenized completion lengths of row ``b`` as collated now. Statistics
+    computed for other completions (another count, another tokenization or ``max_length``)
+    raise ``ValueError`` naming the row, so stale numbers are never paired with new text.
+    """
+    has = [any(name in row for name in REF_COLUMNS) for row in rows]
+    if not any(has):
+        return {}
+    out = {name: torch.zeros(len(rows), S, dtype=torch.float32) for name in REF_COLUMNS[:2]}
+    out["ref_lengths"] = torch.zeros(len(rows), S, dtype=torch.int64)
+    for b, row in enumerate(rows):
+        missing = [name for name in REF_COLUMNS if row.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"row {b}: has no {missing} while other rows of the batch carry precomputed reference "
+                "statistics; precompute them for every row (rcpo_losses.precompute_reference_stats)"
+            )
+        n = len(lengths[b])
+        stored = [list(row[name]) for name in REF_COLUMNS]
+        if any(len(values) != n for values in stored) or [int(x) for x in stored[2]] != lengths[b]:
+            raise ValueError(
+                f"row {b} (prompt {str(row.get('prompt'))[:40]!r}): the precomputed reference statistics are stale: "
+                f"ref_lengths = {stored[2]} but its {n} completions tokenize to lengths {lengths[b]} now; "
+                "rerun precompute_reference_stats"
+            )
+        for name, values in zip(REF_COLUMNS, stored, strict=True):
+            out[name][b, :n] = torch.tensor(values, dtype=out[name].dtype)
+    return out

@@ -43,6 +43,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_no_active_lora(head: nn.Module) -> None:
+    """A LoRA adapter on the head makes its logits ``W x + B A x * scaling``: the spec's ``W`` alone would be wrong."""
+    lora_a = getattr(head, "lora_A", None)
+    if lora_a is None or getattr(head, "disable_adapters", False):
+        return  # no adapter, or inside PEFT's disable_adapter(): the logits are the base layer's
+    merged = set(getattr(head, "merged_adapters", []))
+    active = [name for name in getattr(head, "active_adapters", []) if name in lora_a and name not in merged]
+    if active:
+        raise TypeError(
+            f"model: the LM head carries the active, unmerged LoRA adapter(s) {active}, whose logits are "
+            "W x + B A x * scaling; the fused path takes the base weight W only and does not compute the "
+            "low-rank term. Leave lm_head out of the LoRA target_modules, merge the adapter, or use "
+            "fused_linear=False"
+        )
+
+
 def lm_head_spec(model: nn.Module) -> LMHeadSpec:
     r"""The LM head's weight and bias, and the model's logit transform, read from a Hugging Face causal LM.
 
@@ -60,12 +76,15 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
         :class:`LMHeadSpec` ``(weight, bias, softcap, logit_scale)``; the tensors are the
         model's own parameters (gradients reach them). Under FSDP2 (``fully_shard``) call it
         after :func:`final_hidden_states`: the forward has then gathered the root module's
-        head (a sharded DTensor before it raises a ``TypeError``).
+        head (a sharded DTensor before it raises a ``TypeError``). A PEFT LoRA adapter on the
+        head (logits ``W x + B A x * scaling``) raises a ``TypeError`` unless it is merged or
+        disabled (``model.disable_adapter()``): the spec holds ``W`` alone.
     """
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise TypeError(f"model: {type(inner).__name__}.get_output_embeddings() has no weight tensor")
+    _check_no_active_lora(head)
     if type(head.weight).__name__ == "DTensor" or hasattr(head.weight, "full_tensor"):
         raise TypeError(
             "model: the LM head's weight is a sharded DTensor (FSDP2 between forwards). Call lm_head_spec after "

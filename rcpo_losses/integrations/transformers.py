@@ -13,6 +13,7 @@ Rows as :class:`rcpo_losses.data.RankedPreferenceCollator` reads them. See docs/
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
 
@@ -21,13 +22,13 @@ from torch import Tensor
 from transformers import Trainer
 
 from .. import nn as rcpo_nn
-from ..data import RankedPreferenceCollator
+from ..data import REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
-from ..fused_linear import fused_linear_response_stats
-from ..lm_head import final_hidden_states, lm_head_spec
 from ..metrics import ranking_metrics
+from ..precompute import has_reference_stats, padded_response_stats, precompute_reference_stats, with_reference_columns
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
-from ..tokens import ResponseTokenStats, response_token_stats
+from ..tokens import ResponseTokenStats
+from .reference_model import prepare_reference_model, release_reference
 
 LISTWISE = {
     "mnl_discrete": rcpo_nn.MNLDiscreteLoss,
@@ -38,6 +39,15 @@ LISTWISE = {
 PAIRWISE = {"mnl_pairwise": rcpo_nn.MNLPairwiseLoss, "mallows_rmj_pairwise": rcpo_nn.MallowsRMJPairwiseLoss}
 LOSSES = (*LISTWISE, *PAIRWISE, "dpo_all_pairs")
 ROW_COLUMNS = ["prompt", "completions", "scores", "ranking"]
+
+
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (whose base, adapters disabled, can be the reference)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def top_bottom_ranks(ranks: Tensor) -> Tensor:
@@ -91,7 +101,10 @@ class RCPOTrainer(Trainer):
     Args:
         model: the policy, a causal LM.
         ref_model: the reference model; ``None``: a frozen copy of ``model`` made here, before
-            training. Pass it explicitly when resuming from a checkpoint.
+            training, or for a PEFT model the model with its adapters disabled
+            (``model.disable_adapter()``, no copy). Pass it explicitly when resuming from a
+            checkpoint. It is prepared by the trainer's accelerator as the policy is (sharded
+            under FSDP and DeepSpeed ZeRO-3, :func:`prepare_reference_model`), in eval mode.
         args: ``TrainingArguments``. A TRL ``DPOConfig`` (or any arguments with ``beta``,
             ``max_length``, ``max_prompt_length`` fields) works too: those fields are used when
             the matching argument here is ``None``.
@@ -109,6 +122,11 @@ class RCPOTrainer(Trainer):
             transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping): the
             ``[N, L, V]`` logits are never formed.
         max_length, max_prompt_length, ties: passed to the collator.
+        precompute_ref: run the reference once over ``train_dataset`` and ``eval_dataset``
+            before training (:func:`~rcpo_losses.precompute_reference_stats`, batches of
+            ``args.per_device_eval_batch_size``) and keep no reference model. Rows that already
+            carry the ``ref_logps``, ``ref_entropy_sums`` and ``ref_lengths`` columns need no
+            reference model either.
         **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
@@ -134,6 +152,7 @@ class RCPOTrainer(Trainer):
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         ties: str = "error",
+        precompute_ref: bool = False,
         data_collator=None,
         **kwargs,
     ):
@@ -155,9 +174,13 @@ class RCPOTrainer(Trainer):
         self.fused_linear = fused_linear
         module = LISTWISE.get(loss) or PAIRWISE.get(loss) or rcpo_nn.MNLTopKLoss  # dpo_all_pairs: MNL on pairs
         self.loss_fn = module(beta=beta)
-        if ref_model is None:
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
+        self.precompute_ref = precompute_ref or (bool(datasets) and all(map(has_reference_stats, datasets)))
+        self.peft_reference = ref_model is None and is_peft_model(model)  # the base, adapters disabled
+        if ref_model is None and not (self.peft_reference or self.precompute_ref):
             ref_model = copy.deepcopy(model)
-        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.ref_model = None if ref_model is None else ref_model.eval().requires_grad_(False)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,
@@ -168,54 +191,99 @@ class RCPOTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
-        self.ref_model.to(self.accelerator.device)
+        if self.precompute_ref:
+            self._precompute_reference()
+        elif self.ref_model is not None:
+            self.ref_model = prepare_reference_model(self.ref_model, self.accelerator)
 
     def _set_signature_columns_if_needed(self) -> None:
         # The collator reads the raw row columns, not the model's forward arguments.
         if self._signature_columns is None:
-            self._signature_columns = list(ROW_COLUMNS)
+            self._signature_columns = [*ROW_COLUMNS, *REF_COLUMNS]
 
     # ------------------------------------------------------------------ model -> per-response statistics
 
     def response_stats(self, model, inputs: dict[str, Tensor], *, entropy: bool = True) -> ResponseTokenStats:
         """Summed completion log-probs, entropy sums and lengths ``[B, S]`` of every response under ``model``.
 
-        The ``B x S`` sequences are flattened and the padding slots (``IGNORE``) dropped, so
-        the model runs once on each real completion; the dropped slots get 0. The model is
-        called through its own forward (so DDP's hooks run): for ``fused_linear`` with
-        ``output_hidden_states=True`` and ``logits_to_keep=1`` (no full logits), the final
-        hidden states then go with the LM head and the model's logit transform
-        (``lm_head_spec``) to ``fused_linear_response_stats``.
+        :func:`~rcpo_losses.precompute.padded_response_stats` with this trainer's ``fused_linear``:
+        the one function that gives the policy's, the live reference's and the precomputed
+        reference's statistics.
         """
-        B, S, L = inputs["input_ids"].shape
-        keep = (inputs["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
-        attention = inputs["attention_mask"].reshape(B * S, L)[keep]
-        T = int(attention.bool().any(0).nonzero().max()) + 1  # drop the padding columns no kept sequence uses
-        ids = inputs["input_ids"].reshape(B * S, L)[keep, :T]
-        attention, mask = attention[:, :T], inputs["completion_mask"].reshape(B * S, L)[keep, :T]
-        if self.fused_linear:
-            hidden = final_hidden_states(model, ids, attention)
-            spec = lm_head_spec(self.accelerator.unwrap_model(model))  # Gemma-2's softcap, a logit scale
-            stats = fused_linear_response_stats(
-                hidden, labels=ids, mask=mask, shift_labels=True, entropy=entropy, **spec.as_kwargs()
+        return padded_response_stats(model, inputs, fused_linear=self.fused_linear, entropy=entropy)
+
+    # ------------------------------------------------------------------ the reference model
+
+    def reference_context(self, model):
+        """Where the reference runs: ``model.disable_adapter()`` for the PEFT base, else nothing."""
+        if self.peft_reference:
+            return self.accelerator.unwrap_model(model).disable_adapter()
+        return contextlib.nullcontext()
+
+    def reference_stats(self, model, inputs: dict[str, Tensor]) -> ResponseTokenStats:
+        """The reference statistics ``[B, S]``: the batch's precomputed ``ref_*`` columns, or a no-grad forward.
+
+        ``model`` is the policy, which is the reference with its adapters disabled for a PEFT
+        model without ``ref_model``.
+        """
+        if "ref_logps" in inputs:
+            return ResponseTokenStats(*(inputs[name] for name in REF_COLUMNS))
+        if self.ref_model is None and not self.peft_reference:
+            raise ValueError(
+                "inputs: the batch has no precomputed ref_logps / ref_entropy_sums / ref_lengths and the trainer "
+                "holds no reference model; precompute them for every dataset (precompute_ref=True)"
             )
+        with torch.no_grad(), self.reference_context(model):
+            stats = self.response_stats(model if self.ref_model is None else self.ref_model, inputs)
+        if self.ref_model is not None:
+            release_reference(self.ref_model)  # an FSDP2 reference's root goes back to its shard
+        return stats
+
+    def _precompute_reference(self) -> None:
+        """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model.
+
+        With several processes each computes every ``world``-th row and the columns are gathered,
+        so every rank ends with the whole dataset's statistics.
+        """
+        reference = self.model if self.ref_model is None else self.ref_model.to(self.args.device)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+
+        def add(rows):
+            if rows is None or has_reference_stats(rows):
+                return rows
+            mine = [rows[i] for i in range(rank, len(rows), world)]
+            with self.reference_context(self.model):
+                part = precompute_reference_stats(
+                    reference, mine, self.data_collator, batch_size=self.args.per_device_eval_batch_size,
+                    fused_linear=self.fused_linear,
+                    progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
+                )  # fmt: skip
+            parts = [[[row[name] for name in REF_COLUMNS] for row in part]]
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                parts = gather_object(parts)  # one list per rank
+            columns = {name: [None] * len(rows) for name in REF_COLUMNS}
+            for r, values in enumerate(parts):
+                for i, row in zip(range(r, len(rows), world), values, strict=True):
+                    for name, value in zip(REF_COLUMNS, row, strict=True):
+                        columns[name][i] = value
+            return with_reference_columns(rows, columns)
+
+        self.train_dataset = add(self.train_dataset)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {name: add(rows) for name, rows in self.eval_dataset.items()}
         else:
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            stats = response_token_stats(logits, ids, mask, shift_labels=True)
-
-        def scatter(x: Tensor) -> Tensor:
-            return torch.zeros(B * S, dtype=x.dtype, device=x.device).index_copy(0, keep, x).reshape(B, S)
-
-        return ResponseTokenStats(*(scatter(x) for x in stats))
+            self.eval_dataset = add(self.eval_dataset)
+        self.ref_model = None  # the statistics are in the rows now
 
     # ------------------------------------------------------------------ loss and metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ranks = inputs["ranks"]
         policy = self.response_stats(model, inputs, entropy=False)
-        with torch.no_grad():
-            ref = self.response_stats(self.ref_model, inputs)
-        vocab_size = self.ref_model.get_output_embeddings().weight.shape[0]
+        ref = self.reference_stats(model, inputs)
+        vocab_size = self.vocab_size
         loss_ranks = top_bottom_ranks(ranks) if self.loss_name in PAIRWISE else ranks
         neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, loss_ranks, vocab_size)
         if self.loss_name in PAIRWISE:

@@ -1,0 +1,179 @@
+"""The reference model's statistics of every completion, computed once before training and stored with the rows.
+
+The reference model never changes, so its summed log-probs (the ``ref_logps`` of eq. 2) and
+entropy sums (the Mallows dispersion, appendix D) are the same numbers every epoch.
+:func:`precompute_reference_stats` runs it once over a dataset and adds the columns
+``ref_logps``, ``ref_entropy_sums`` and ``ref_lengths`` (one value per completion);
+:class:`~rcpo_losses.data.RankedPreferenceCollator` passes them through as ``[B, S]``
+tensors, checks them against the completions it tokenizes, and the trainer then needs no
+reference model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .data import REF_COLUMNS
+from .fused_linear import fused_linear_response_stats
+from .lm_head import final_hidden_states, lm_head_spec
+from .ranks import IGNORE
+from .tokens import ResponseTokenStats, response_token_stats
+
+__all__ = [
+    "REF_COLUMNS",
+    "has_reference_stats",
+    "padded_response_stats",
+    "precompute_reference_stats",
+    "with_reference_columns",
+]
+
+
+def padded_response_stats(
+    model: nn.Module, batch: Mapping[str, Tensor], *, fused_linear: bool = False, entropy: bool = True
+) -> ResponseTokenStats:
+    """Summed completion log-probs, entropy sums and lengths ``[B, S]`` of every response of a padded batch.
+
+    The batch is the collator's ``[B, S, L]`` layout. The ``B x S`` sequences are flattened and
+    the padding slots (``ranks == IGNORE``) dropped, so the model runs once on each real
+    completion; the dropped slots get 0. The model is called through its own forward (so
+    DDP's hooks run and FSDP gathers its parameters): with ``fused_linear``, with
+    ``output_hidden_states=True, logits_to_keep=1`` (no full logits), the final hidden states
+    then go with the LM head and its logit transform (:func:`~rcpo_losses.lm_head_spec`) to
+    :func:`~rcpo_losses.fused_linear_response_stats`; else :func:`~rcpo_losses.response_token_stats`
+    of ``model(...).logits``. This one function gives the policy's and the reference's
+    statistics, in training and in :func:`precompute_reference_stats`.
+
+    Shape:
+        - batch: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(B, S, L)``, ``ranks`` ``(B, S)``.
+        - outputs: ``(B, S)``; ``logps``, ``entropy_sums`` fp32, ``lengths`` int64.
+    """
+    B, S, L = batch["input_ids"].shape
+    keep = (batch["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
+    attention = batch["attention_mask"].reshape(B * S, L)[keep]
+    T = int(attention.bool().any(0).nonzero().max()) + 1  # drop the padding columns no kept sequence uses
+    ids = batch["input_ids"].reshape(B * S, L)[keep, :T]
+    attention, mask = attention[:, :T], batch["completion_mask"].reshape(B * S, L)[keep, :T]
+    if fused_linear:
+        hidden = final_hidden_states(model, ids, attention)
+        spec = lm_head_spec(model)  # after the forward (FSDP2 gathers the head); Gemma-2's softcap, a logit scale
+        stats = fused_linear_response_stats(
+            hidden, labels=ids, mask=mask, shift_labels=True, entropy=entropy, **spec.as_kwargs()
+        )
+    else:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        stats = response_token_stats(logits, ids, mask, shift_labels=True)
+
+    def scatter(x: Tensor) -> Tensor:
+        return torch.zeros(B * S, dtype=x.dtype, device=x.device).index_copy(0, keep, x).reshape(B, S)
+
+    return ResponseTokenStats(*(scatter(x) for x in stats))
+
+
+def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@torch.no_grad()
+def precompute_reference_stats(
+    model: nn.Module,
+    rows,
+    collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, Tensor]],
+    *,
+    batch_size: int = 8,
+    fused_linear: bool = False,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+    stats: Callable[..., ResponseTokenStats] = padded_response_stats,
+):
+    r"""Run the reference model once over ranked rows; the rows with its statistics of each completion.
+
+    Adds to each row, one value per completion :math:`y_i`:
+
+    - ``ref_logps``: :math:`\log \pi_{ref}(y_i \mid x) = \sum_t \log \pi_{ref}(y_{i,t} \mid x, y_{i,<t})` (eq. 2);
+    - ``ref_entropy_sums``: :math:`\sum_t H(\pi_{ref}(\cdot \mid x, y_{i,<t}))` (appendix D);
+    - ``ref_lengths``: :math:`|y_i|`, the completion tokens counted, which the collator checks.
+
+    The rows go through ``collator`` (the one used for training, so the same tokenization
+    and truncation) in batches of ``batch_size``, and through ``stats`` (the trainer's
+    :func:`padded_response_stats`, with the same ``fused_linear`` path) in eval mode under
+    ``no_grad``, on the device of ``model``'s parameters, with a tqdm progress bar.
+
+    Args:
+        model: the reference model (for a PEFT policy: call inside ``model.disable_adapter()``).
+        rows: a ``datasets.Dataset``, a list of row dicts, or the path of a JSONL file of rows.
+            Columns ``ref_*`` already there are recomputed.
+        collator: e.g. :class:`~rcpo_losses.data.RankedPreferenceCollator`.
+        batch_size: rows per forward.
+        fused_linear: compute through the final hidden states and the LM head, as training does.
+        output: for list or JSONL input, also write the rows as JSONL to this path.
+        progress: show the progress bar.
+        stats: ``(model, batch, fused_linear=..., entropy=True) -> ResponseTokenStats`` ``(B, S)``.
+
+    Returns:
+        A ``datasets.Dataset`` with the three columns added (Arrow: ``save_to_disk`` it, it is
+        memory-mapped when loaded) for a ``Dataset``; else a list of row dicts.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    is_dataset = hasattr(rows, "column_names") and hasattr(rows, "add_column")
+    if isinstance(rows, (str, os.PathLike)):
+        rows = _read_jsonl(rows)
+    elif not is_dataset:
+        rows = [dict(row) for row in rows]
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the reference statistics are those of the model itself
+    columns: dict[str, list[list[float]]] = {name: [] for name in REF_COLUMNS}
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="reference statistics", disable=not progress):
+            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+            chunk = [{k: v for k, v in row.items() if k not in REF_COLUMNS} for row in chunk]
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
+            found = stats(model, batch, fused_linear=fused_linear, entropy=True)
+            for b, row in enumerate(chunk):
+                n = len(row["completions"])
+                for name, values in zip(REF_COLUMNS, found, strict=True):
+                    columns[name].append(values[b, :n].tolist())
+    finally:
+        model.train(was_training)
+    out = with_reference_columns(rows, columns)
+    if output is not None and not is_dataset:
+        with open(output, "w") as f:
+            for row in out:
+                f.write(json.dumps(row) + "\n")
+    return out
+
+
+def with_reference_columns(rows, columns: Mapping[str, Sequence[Sequence[float]]]):
+    """``rows`` with the ``ref_*`` columns set to ``columns[name]`` (one list per row), replacing any there.
+
+    A ``datasets.Dataset`` gets Arrow columns (a new ``Dataset``), a list of dicts new dicts.
+    """
+    if hasattr(rows, "column_names") and hasattr(rows, "add_column"):
+        rows = rows.remove_columns([name for name in REF_COLUMNS if name in rows.column_names])
+        for name in REF_COLUMNS:
+            rows = rows.add_column(name, list(columns[name]))
+        return rows
+    return [{**row, **{name: columns[name][i] for name in REF_COLUMNS}} for i, row in enumerate(rows)]
+
+
+def has_reference_stats(rows) -> bool:
+    """Whether ``rows`` (a ``datasets.Dataset`` or a list of row dicts) carry all the ``ref_*`` columns."""
+    if rows is None:
+        return False
+    names = getattr(rows, "column_names", None)
+    if names is None:
+        try:
+            names = list(rows[0]) if len(rows) else []
+        except (TypeError, KeyError, IndexError):
+            return False
+    return all(name in names for name in REF_COLUMNS)

@@ -1,0 +1,281 @@
+"""The reference model at scale: precomputed statistics, the PEFT base, step-0 identity.
+
+The 2-process trainer run is in tests/test_trainer_data_parallel.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
+
+from rcpo_losses import IGNORE, UNRANKED, entropy_dispersion, precompute_reference_stats  # noqa: E402
+from rcpo_losses.data import REF_COLUMNS  # noqa: E402
+from rcpo_losses.integrations.transformers import RCPOTrainer  # noqa: E402
+
+from .test_trainer import ROWS, make_trainer, perturbed, tiny_llama, tokenizer  # noqa: E402, F401
+
+
+def modules() -> dict[int, torch.nn.Module]:
+    """Every module alive in the process (``type()``, not ``isinstance``: no lazy deprecated objects touched)."""
+    gc.collect()
+    return {id(o): o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)}
+
+
+def live_models() -> int:
+    """How many Llama models exist in the process (the policy, and a reference copy if one was made)."""
+    return sum(issubclass(type(o), LlamaForCausalLM) for o in modules().values())
+
+
+def stats_of(trainer, model, rows):
+    with torch.no_grad():
+        return trainer.response_stats(model, trainer.data_collator(rows))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_precompute_equals_the_live_reference(tokenizer, tmp_path, fused):  # noqa: F811
+    trainer = make_trainer(tokenizer, tmp_path, fused_linear=fused)
+    live = stats_of(trainer, trainer.ref_model, ROWS)
+    rows = precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, batch_size=2,
+                                      fused_linear=fused, progress=False)  # fmt: skip
+    assert [len(r["ref_logps"]) for r in rows] == [len(r["completions"]) for r in ROWS]
+    assert all(r[key] == q[key] for r, q in zip(rows, ROWS, strict=True) for key in q)  # the rows are kept
+    batch = trainer.data_collator(rows)
+    assert batch["ref_logps"].shape == batch["ranks"].shape and batch["ref_lengths"].dtype == torch.int64
+    pad = batch["ranks"] == IGNORE
+    assert pad.any() and not batch["ref_logps"][pad].any() and not batch["ref_lengths"][pad].any()
+    torch.testing.assert_close(batch["ref_lengths"], live.lengths, rtol=0, atol=0)
+    # other batches (batch_size=2 vs 3) pad to other lengths: equal to fp32 rounding
+    torch.testing.assert_close(batch["ref_logps"], live.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch["ref_entropy_sums"], live.entropy_sums, rtol=1e-5, atol=1e-5)
+    # one batch of all rows: the same forward as the live reference, bitwise
+    whole = precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, batch_size=3,
+                                       fused_linear=fused, progress=False)  # fmt: skip
+    once = trainer.data_collator(whole)
+    for name, value in zip(REF_COLUMNS, live, strict=True):
+        torch.testing.assert_close(once[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_dataset_and_jsonl_in_and_out(tokenizer, tmp_path):  # noqa: F811
+    trainer = make_trainer(tokenizer, tmp_path)
+    as_list = precompute_reference_stats(trainer.ref_model, ROWS[:2], trainer.data_collator, progress=False)
+    dataset = datasets.Dataset.from_list(ROWS[:2])
+    out = precompute_reference_stats(trainer.ref_model, dataset, trainer.data_collator, progress=False)
+    assert isinstance(out, datasets.Dataset) and set(REF_COLUMNS) <= set(out.column_names)
+    out.save_to_disk(str(tmp_path / "arrow"))
+    loaded = datasets.load_from_disk(str(tmp_path / "arrow"))
+    again = precompute_reference_stats(trainer.ref_model, loaded, trainer.data_collator, progress=False)  # recomputed
+    assert again.column_names == out.column_names
+    for name in REF_COLUMNS:
+        assert loaded[name] == [r[name] for r in as_list] == again[name], name
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    rows = precompute_reference_stats(trainer.ref_model, path, trainer.data_collator, output=tmp_path / "out.jsonl",
+                                      progress=False)  # fmt: skip
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows == written and [r["ref_logps"] for r in written] == [r["ref_logps"] for r in as_list]
+    with pytest.raises(ValueError, match="batch_size"):
+        precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, batch_size=0)
+
+
+def test_stale_statistics_name_the_row(tokenizer, tmp_path):  # noqa: F811
+    trainer = make_trainer(tokenizer, tmp_path)
+    rows = precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, progress=False)
+    collate = trainer.data_collator
+    longer = [rows[0], {**rows[1], "completions": ["stone stone stone .", "stone ."]}]
+    with pytest.raises(ValueError, match=r"row 1 \(prompt 'repeat stone one times'\).*stale.*\[4, 3\].*\[5, 3\]"):
+        collate(longer)
+    more = [rows[0], {**rows[1], "completions": [*rows[1]["completions"], "x ."], "scores": [0.5, 1.5, 0.0]}]
+    with pytest.raises(ValueError, match="row 1 .*stale"):
+        collate(more)
+    with pytest.raises(ValueError, match="row 0 .*stale"):  # retokenized shorter: max_length changed
+        type(collate)(tokenizer, max_length=7)(rows[:2])
+    bare = {k: v for k, v in rows[2].items() if k not in REF_COLUMNS}
+    with pytest.raises(ValueError, match=r"row 1: has no \['ref_logps', 'ref_entropy_sums', 'ref_lengths'\]"):
+        collate([rows[0], bare])
+    same_lengths = {**rows[1], "completions": ["apple apple .", "river ."]}  # other text, same lengths: not detected
+    assert collate([same_lengths])["ref_lengths"].tolist() == [[4, 3]]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_precompute_ref_trains_with_no_reference_model(tokenizer, tmp_path, fused):  # noqa: F811
+    def run(**kwargs):
+        model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+        args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=3, learning_rate=1e-2,
+                                 report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
+                                 disable_tqdm=True)  # fmt: skip
+        trainer = RCPOTrainer(model, args=args, train_dataset=ROWS, eval_dataset=ROWS[:2],
+                              processing_class=tokenizer, beta=0.5, fused_linear=fused, **kwargs)  # fmt: skip
+        return trainer
+
+    before, old = live_models(), set(modules())
+    trainer = run(precompute_ref=True)
+    assert trainer.ref_model is None and live_models() == before + 1  # the policy alone: no reference copy
+    new = [m for key, m in modules().items() if key not in old]
+    held = {id(p) for m in new for p in m.parameters()}
+    assert held == {id(p) for p in trainer.model.parameters()}  # no reference parameters anywhere in the process
+    assert all(set(REF_COLUMNS) <= set(r) for r in trainer.train_dataset)
+    assert all(set(REF_COLUMNS) <= set(r) for r in trainer.eval_dataset)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
+    trainer.train()
+    assert len(forwards) == 3  # one forward a step: the policy's; no reference forward
+    live = run()  # the same run against a live copy of the reference
+    live.train()
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (trainer, live)]
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(trainer.model.named_parameters(), live.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    evals = [t.evaluate()["eval_loss"] for t in (trainer, live)]  # the eval rows were precomputed too
+    torch.testing.assert_close(evals[0], evals[1], rtol=1e-5, atol=1e-6)
+    # rows that already carry the columns: no reference model either
+    del live
+    before = live_models()
+    again = run_with_rows = RCPOTrainer(tiny_llama(vocab_size=len(tokenizer)), args=trainer.args,
+                                        train_dataset=trainer.train_dataset, processing_class=tokenizer)  # fmt: skip
+    assert run_with_rows.ref_model is None and live_models() == before + 1
+    bare = trainer.data_collator(ROWS)  # a batch without the columns cannot be scored
+    with pytest.raises(ValueError, match="no precomputed ref_logps"):
+        again.compute_loss(again.model, bare)
+
+
+def peft_llama(vocab_size, target_modules, modules_to_save=None):
+    """A tiny Llama with a LoRA adapter whose B is random (PEFT initialises it to 0, which would hide a bug)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(vocab_size=vocab_size, seed=0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, modules_to_save=modules_to_save)
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]])
+def test_peft_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path, fused, modules_to_save):  # noqa: F811
+    model = peft_llama(len(tokenizer), ["q_proj", "v_proj"], modules_to_save)
+    base = tiny_llama(vocab_size=len(tokenizer), seed=0).eval()  # the same initial weights, no adapter
+    before = live_models()
+    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=fused)
+    assert trainer.ref_model is None and trainer.peft_reference and live_models() == before  # no copy
+    batch = trainer.data_collator(ROWS)
+    with torch.no_grad():
+        ref = trainer.reference_stats(trainer.model, batch)
+        want_ref = trainer.response_stats(base, batch)
+        policy = trainer.response_stats(trainer.model, batch)
+        B, S, L = batch["input_ids"].shape
+        ids = batch["input_ids"].reshape(B * S, L)
+        logits = trainer.model(input_ids=ids, attention_mask=batch["attention_mask"].reshape(B * S, L)).logits
+    for got, want in zip(ref, want_ref, strict=True):  # the reference is the base model
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    from rcpo_losses import response_token_stats
+
+    own = response_token_stats(logits, ids, batch["completion_mask"].reshape(B * S, L), shift_labels=True)
+    keep = batch["ranks"] != IGNORE
+    torch.testing.assert_close(policy.logps[keep], own.logps.reshape(B, S)[keep], rtol=1e-5, atol=1e-5)  # model(...)
+    assert (policy.logps - ref.logps)[keep].abs().min() > 1e-3  # the adapters do change the policy
+    value = trainer.compute_loss(trainer.model, batch)
+    value.backward()
+    assert all(p.grad is not None for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in trainer.model.named_parameters() if not p.requires_grad)
+
+
+def test_lora_on_the_lm_head_is_refused_by_the_fused_path(tokenizer, tmp_path):  # noqa: F811
+    from rcpo_losses import lm_head_spec
+
+    model = peft_llama(len(tokenizer), ["q_proj", "lm_head"])
+    with pytest.raises(TypeError, match=r"LoRA adapter\(s\) \['default'\].*W x \+ B A x \* scaling"):
+        lm_head_spec(model)
+    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=True)
+    batch = trainer.data_collator(ROWS)
+    with pytest.raises(TypeError, match="LoRA"):
+        trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad(), model.disable_adapter():  # the reference: the base head, which is then right
+        assert lm_head_spec(model).weight is model.get_output_embeddings().base_layer.weight
+        ref = trainer.reference_stats(trainer.model, batch)
+    base = tiny_llama(vocab_size=len(tokenizer), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ref.logps, trainer.response_stats(base, batch).logps, rtol=1e-5, atol=1e-5)
+    unfused = make_trainer(tokenizer, tmp_path, model=model)  # from the logits the LoRA head is exact
+    unfused.compute_loss(unfused.model, batch).backward()
+    assert model.get_output_embeddings().lora_B["default"].weight.grad.abs().max() > 0
+    merged = model.merge_and_unload()  # merged: W holds the low-rank term, the fused path is right again
+    with torch.no_grad():
+        fused = make_trainer(tokenizer, tmp_path, model=merged, fused_linear=True).response_stats(merged, batch)
+        torch.testing.assert_close(fused.logps, unfused.response_stats(merged, batch).logps, rtol=1e-5, atol=1e-5)
+
+
+# Trainer arguments of each batch layout; a layout is one more entry here.
+LAYOUTS = {"padded": {}}
+
+
+def closed_form_at_zero(loss: str, ranks: torch.Tensor, neg_log_phi: torch.Tensor) -> float:
+    """The loss at r = 0, from the list lengths alone (mean over rows).
+
+    MNL-Top-k: ``sum_{i=1..k} log |R_i|`` with ``|R_i| = n - i + 1``; Mallows-RMJ-Top-k (sigma(0) = 1/2):
+    ``w * (sum_{i=1..k-1} (n - i) / 2 + |U| / 2)`` with ``|U| = n - k``.
+    """
+    values = []
+    for b, row in enumerate(ranks.tolist()):
+        n = sum(v != IGNORE for v in row)
+        k = sum(v >= 0 for v in row)
+        assert n - k == sum(v == UNRANKED for v in row)
+        if loss == "mnl_topk":
+            values.append(sum(math.log(n - i) for i in range(k)))
+        else:
+            values.append(float(neg_log_phi[b]) * (sum((n - i) / 2 for i in range(1, k)) + (n - k) / 2))
+    return sum(values) / len(values)
+
+
+def check_step_zero(loss_name, loss, rewards, ranks, neg_log_phi, exact=True):
+    """Every reward exactly 0, and the loss its closed form at r = 0.
+
+    ``exact=False`` for precomputed statistics: they come from other batches (other padding and
+    matrix shapes), so they agree with the policy's to fp32 rounding, not by construction bitwise.
+    """
+    if exact:
+        assert torch.equal(rewards, torch.zeros_like(rewards)), rewards  # bitwise: policy and reference agree
+    else:
+        torch.testing.assert_close(rewards, torch.zeros_like(rewards), rtol=0, atol=1e-6)
+    want = closed_form_at_zero(loss_name, ranks, neg_log_phi)
+    assert want > 0
+    torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss", ["mnl_topk", "mallows_rmj_topk"])
+def test_step_zero_rewards_are_exactly_zero(tokenizer, tmp_path, layout, fused, loss):  # noqa: F811
+    trainer = make_trainer(tokenizer, tmp_path, loss=loss, fused_linear=fused, k=2, **LAYOUTS[layout])
+    batch = trainer.data_collator(ROWS)
+    assert (batch["ranks"] == UNRANKED).any()  # |U| > 0 somewhere
+    trainer.model.train()
+    value, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    with torch.no_grad():
+        ref = trainer.reference_stats(trainer.model, batch)
+    neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, batch["ranks"], trainer.vocab_size)
+    check_step_zero(loss, value.detach(), out["rewards"], batch["ranks"], neg_log_phi)
+
+
+def test_peft_precompute_is_the_base(tokenizer, tmp_path):  # noqa: F811
+    model = peft_llama(len(tokenizer), ["q_proj", "v_proj"])
+    base = tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=True, precompute_ref=True)
+    assert trainer.ref_model is None
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    with torch.no_grad():
+        want = trainer.response_stats(base, batch)
+    for name, value in zip(REF_COLUMNS, want, strict=True):
+        torch.testing.assert_close(batch[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))  # adapters back on
