@@ -414,17 +414,18 @@ def token_logps_and_entropy(
     if process_group is not None:
         from . import vocab_parallel as vp
 
-        offset, total = vp.vocab_offset(V, process_group, z.device)
+        offset, total = vp.vocab_offset(V, process_group, z.device, t.shape[0])
         _check_target_ids(t, total, ignore_index, validate)
-        local, owned = vp.local_targets(t, offset, V, ignore_index)
+        dead = z.detach().amax(-1) == -torch.inf  # a masked slice: no mass (its own softmax is NaN)
+        local, owned = vp.local_targets(t, offset, V, ignore_index, dead)
         if _backend.use_triton(backend, logits):
             from .token_ops import token_stats
 
             args = () if transform is None else transform.args()
-            stats = token_stats(z, local.contiguous(), ignore_index, 0, *args)
+            stats = token_stats(z, local.contiguous(), vp.LOCAL_IGNORE, 0, *args)
         else:
-            stats = _TokenStats.apply(z, local, ignore_index, _chunk_rows(chunk_size, V), transform)
-        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+            stats = _TokenStats.apply(z, local, vp.LOCAL_IGNORE, _chunk_rows(chunk_size, V), transform)
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group, dead)
         return logp.reshape(shape), ent.reshape(shape)
     if _backend.use_triton(backend, logits):
         from .token_ops import token_logps_and_entropy_triton
