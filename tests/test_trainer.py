@@ -253,3 +253,28 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tokenizer, tmp_path):
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(straight.lm_head.weight, tiny_llama(vocab_size=len(tokenizer), seed=0).lm_head.weight)
+
+
+@pytest.mark.parametrize("loss", ["dpo_all_pairs", "mnl_topk"])
+def test_one_update_does_not_depend_on_the_micro_batch_split(tokenizer, tmp_path, loss):
+    """4 rows implying 3, 1, 6 and 3 pairs: batch 4, batch 2 x 2 and batch 1 x 4 accumulated make one update."""
+    rows = [*ROWS, ROWS[0]]
+
+    def update(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = TrainingArguments(
+            str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size, learning_rate=1.0,
+            gradient_accumulation_steps=accumulation, optim="sgd", lr_scheduler_type="constant",
+            report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        )  # fmt: skip
+        trainer = RCPOTrainer(model, args=args, train_dataset=rows, processing_class=tokenizer, loss=loss, beta=0.5)
+        trainer.train()
+        return {n: p.detach() - start[n] for n, p in model.named_parameters()}
+
+    whole = update(4, 1)
+    assert max(float(d.abs().max()) for d in whole.values()) > 1e-4
+    for batch_size, accumulation in ((2, 2), (1, 4)):
+        split = update(batch_size, accumulation)
+        for name, d in whole.items():
+            torch.testing.assert_close(split[name], d, rtol=1e-4, atol=1e-7, msg=f"{batch_size}x{accumulation} {name}")
