@@ -278,3 +278,26 @@ def test_one_update_does_not_depend_on_the_micro_batch_split(tokenizer, tmp_path
         split = update(batch_size, accumulation)
         for name, d in whole.items():
             torch.testing.assert_close(split[name], d, rtol=1e-4, atol=1e-7, msg=f"{batch_size}x{accumulation} {name}")
+
+
+def test_each_evaluation_reports_its_own_rows_under_its_own_prefix(tokenizer, tmp_path):
+    def ours(metrics, prefix):
+        return {name: metrics[f"{prefix}_{name}"] for name in METRICS}
+
+    def leaked(metrics, prefix):
+        return [k for k in metrics if "/" in k and not k.startswith(f"{prefix}_")]
+
+    trainer = perturbed(make_trainer(tokenizer, tmp_path))
+    a, b = ROWS[:2], ROWS[2:]
+    alone = trainer.evaluate(a)
+    predicted = trainer.predict(b).metrics  # under predict's prefix, and nothing left for the next evaluate()
+    assert ours(trainer.evaluate(a), "eval") == ours(alone, "eval")
+    assert not leaked(predicted, "test"), predicted
+    other = trainer.evaluate(b, metric_key_prefix="test")
+    assert not leaked(other, "test"), other
+    assert ours(other, "test") == ours(predicted, "test") != ours(alone, "eval")
+    both = trainer.evaluate({"a": a, "b": b})  # a dict of eval datasets: each under its own name
+    assert ours(both, "eval_a") == ours(alone, "eval") and ours(both, "eval_b") == ours(other, "test")
+    assert not [k for k in both if "/" in k and not k.startswith(("eval_a_", "eval_b_"))], both
+    logged = [h for h in trainer.state.log_history if "eval_b_loss" in h][-1]
+    assert ours(logged, "eval_b") == ours(other, "test") and not leaked(logged, "eval_b"), logged

@@ -114,7 +114,9 @@ class RCPOTrainer(Trainer):
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
     (reward of the pick minus the mean of the others) and ``dispersion/neg_log_phi``,
-    averaged over the steps since the last log; evaluation logs the same with ``eval_``.
+    averaged over the steps since the last log; ``evaluate()`` reports the same over its own
+    rows, under its ``metric_key_prefix`` (``eval_``, ``eval_<name>_`` for a dict of datasets,
+    ``test_`` in ``predict()``'s metrics).
     """
 
     # compute_loss returns a per-batch mean (listwise and pairwise losses: rows weighted alike
@@ -286,10 +288,27 @@ class RCPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):  # fmt: skip
+        """The ``Trainer``'s loop (``evaluate()`` and ``predict()``), with the reward metrics of its own rows.
+
+        They go into the loop's metrics under ``metric_key_prefix`` (``eval``, ``test`` for
+        ``predict()``, ``eval_<name>`` for each of a dict of eval datasets), which ``evaluate()`` logs.
+        """
+        self._metrics["eval"].clear()
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            for name, values in self._metrics["eval"].items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = sum(values) / len(values)
+        finally:
+            self._metrics["eval"].clear()
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        if self.model.training:  # evaluation metrics are reported by evaluation_loop
+            for name, values in self._metrics["train"].items():
+                logs[name] = sum(values) / len(values)
+            self._metrics["train"].clear()
         super().log(logs, start_time)
