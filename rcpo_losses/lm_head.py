@@ -190,7 +190,16 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     try:
         inner.eval()
         with torch.no_grad():
-            out = inner(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
+            try:
+                out = inner(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
+                )
+            except TypeError as e:
+                raise TypeError(
+                    f"model: {name} cannot be called as model(input_ids=..., attention_mask=..., "
+                    f"output_hidden_states=True, use_cache=False) to check lm_head_spec against its logits ({e}); "
+                    "pass verify=False"
+                ) from e
             spec = _read_spec(inner)  # FSDP: the head as this forward gathered it
             hidden = getattr(out, "hidden_states", None)
             if not hidden:

@@ -141,9 +141,11 @@ def test_not_a_causal_lm():
 def _family(family: str):
     """Tiny models whose forward scales the logits by a config field (transformers 5.x source, read in the test's
     issue): Granite and GraniteMoe divide by ``logits_scaling``, Falcon-H1 multiplies by ``lm_head_multiplier``,
-    MPT's config carries a ``logit_scale`` that its forward never applies."""
+    MPT's config carries a ``logit_scale`` that its forward never applies; HyperCLOVA X multiplies by its
+    ``logits_scaling``."""
     torch.manual_seed(0)
     names = {"granite": "Granite", "granitemoe": "GraniteMoe", "falcon_h1": "FalconH1", "mpt": "Mpt"}
+    names["hyperclovax"] = "HyperCLOVAX"
     config_cls = getattr(transformers, f"{names[family]}Config", None)
     if config_cls is None:
         pytest.skip(f"the installed transformers {transformers.__version__} has no {names[family]} models")
@@ -153,6 +155,8 @@ def _family(family: str):
     elif family == "granitemoe":
         config = config_cls(**COMMON, logits_scaling=6.0, num_local_experts=2, num_experts_per_tok=1)
         config._experts_implementation = "eager"  # fp64: the grouped matmul takes no doubles
+    elif family == "hyperclovax":
+        config = config_cls(**COMMON, logits_scaling=4.0)
     elif family == "falcon_h1":
         config = config_cls(
             **COMMON, lm_head_multiplier=4.0, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16,
@@ -163,7 +167,7 @@ def _family(family: str):
     return model_cls, config
 
 
-SCALED = {"granite": 1 / 8.0, "granitemoe": 1 / 6.0, "falcon_h1": 4.0}
+SCALED = {"granite": 1 / 8.0, "granitemoe": 1 / 6.0, "falcon_h1": 4.0, "hyperclovax": 4.0}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -194,6 +194,25 @@ def test_fused_linear_applies_gemma2_softcap(tokenizer, tmp_path):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_fused_linear_applies_granites_logits_scaling(tokenizer, tmp_path):
+    """Granite divides its logits by config.logits_scaling: the fused trainer gives the same loss as the logits."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    values = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        config = GraniteConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, logits_scaling=8.0,
+        )  # fmt: skip
+        model = GraniteForCausalLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)  # logits of tens: the scaling moves the log-probs by nats
+        trainer = perturbed(make_trainer(tokenizer, tmp_path, loss="mnl_topk", fused_linear=fused, model=model))
+        values.append(trainer.compute_loss(trainer.model, trainer.data_collator(ROWS)).detach())
+    torch.testing.assert_close(values[1], values[0], rtol=1e-5, atol=1e-6)
+
+
 def test_trl_style_config_fields_are_read(tokenizer, tmp_path):
     @dataclasses.dataclass
     class DPOLikeConfig(TrainingArguments):  # TRL's DPOConfig carries these fields
