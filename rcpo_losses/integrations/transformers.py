@@ -107,8 +107,9 @@ class RCPOTrainer(Trainer):
         k: longest top-k list kept from each row (``None``: all that the feedback orders).
         fused_linear: compute log-probs and entropies from the final hidden states and the
             LM head (:func:`~rcpo_losses.fused_linear_response_stats`), with the model's logit
-            transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping): the
-            ``[N, L, V]`` logits are never formed.
+            transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping, Granite's
+            and Falcon-H1's logit scales; checked against ``model(...).logits`` the first time a
+            model is seen): the ``[N, L, V]`` logits are never formed.
         max_length, max_prompt_length, ties: passed to the collator.
         **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
