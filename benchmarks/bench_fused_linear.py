@@ -12,7 +12,7 @@ and 20 to 70 TFLOP per step, minutes on a small CPU). ``RCPO_BENCH_FUSED`` (``fu
 e.g. ``bf16,fp32``) picks the dtypes of ``hidden`` and ``weight``.
 
 bf16 on a CPU without a bf16 GEMM (AVX2): the fused path then does its chunk matmuls on
-fp32 operands (see ``rcpo_losses.fused_linear.CPU_FP32_MATMUL``). To measure that on a CPU
+fp32 operands (see ``rcpo_losses.ops.backend.CPU_FP32_MATMUL``). To measure that on a CPU
 that has one (AMX, AVX512-BF16), restrict PyTorch, oneDNN and MKL to AVX2, as in
 docs/benchmarks.md: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from rcpo_losses import fused_linear, fused_linear_token_stats, token_logps_and_entropy
+from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
+from rcpo_losses.ops import backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,7 +30,7 @@ def step(impl: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
     if impl == "unfused":
         logp, ent = token_logps_and_entropy(h @ w.T, t, validate=False)
     else:
-        fused_linear.CPU_FP32_MATMUL = False if impl == "fused.bf16ops" else None
+        backend.CPU_FP32_MATMUL = False if impl == "fused.bf16ops" else None
         logp, ent = fused_linear_token_stats(h, w, t, validate=False, backend="torch")
     torch.autograd.grad(logp.sum() + ent.sum(), (h, w))
 
@@ -50,7 +51,7 @@ def main() -> None:
     inputs = {d: (h32.to(DTYPES[d]).requires_grad_(), w32.to(DTYPES[d]).requires_grad_()) for d in DTYPES}
     print(
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
-        f"bf16 matmul probed slow: {fused_linear._slow_cpu_matmul(torch.bfloat16)}"
+        f"bf16 matmul probed slow: {backend.slow_cpu_matmul(torch.bfloat16)}"
     )
     for impl, d in rows:  # warm-up
         step(impl, *inputs[d], t)

@@ -1,6 +1,6 @@
 """Fused sigmoid-smoothed Mallows-RMJ top-k loss: forward and backward, one launch each.
 
-Specification: ``w_b * rcpo_losses.mallows.mallows_rmj_topk_sum``. Per row ``b`` with
+Specification (the PyTorch twin): ``w_b * rcpo_losses.reference.mallows.mallows_rmj_topk_sum``. Per row ``b`` with
 ``n`` responses and ``k`` picks, every non-top slot ``j`` is compared with its
 predecessor ``p(j)`` in the top-k list:
 

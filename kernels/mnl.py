@@ -1,6 +1,6 @@
 """Fused MNL (Plackett-Luce) top-k loss: forward and backward, one launch each.
 
-Specification: ``rcpo_losses.mnl.mnl_topk_nll``. Per row ``b`` with ``k`` picks,
+Specification (the PyTorch twin): ``rcpo_losses.reference.mnl.mnl_topk_nll``. Per row ``b`` with ``k`` picks,
 
     loss_b = sum_{i<k} [ logsumexp_{j in R_i} r_j - r_{y_i} ],   R_i = {j : rank_j >= i} ∪ U
     dloss_b / dr_j = sum_{i<k, j in R_i} softmax_{R_i}(r)_j - [j ranked]

@@ -39,7 +39,9 @@ fp64 logits get fp64 constants.
 
 All arithmetic is fp32 (fp64 for fp64 logits); bf16/fp16 are converted right after the
 load. Rows whose target is ``ignore_index`` read nothing and get 0 outputs and a 0
-gradient. Registered as custom ops in ``rcpo_losses.token_ops``.
+gradient. Registered as custom ops in ``rcpo_losses.ops.token_stats``. Specification (the PyTorch
+twin): ``rcpo_losses.reference.token_stats`` (``token_stats_reference``; the chunked CPU path
+``TokenStats``).
 """
 
 from __future__ import annotations

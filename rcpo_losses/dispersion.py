@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import check_rank_tensor, should_sync
-from .ranks import in_assortment
+from .checks import should_sync
+from .ranks import check_rank_tensor, in_assortment
 
 
 def _check_arguments(entropy_sums, lengths, ranks, vocab_size, variant, scale, min_ratio, validate) -> None:

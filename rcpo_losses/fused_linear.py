@@ -8,16 +8,16 @@ target log-prob and the entropy of every position) chunk by chunk over the token
 
 - forward, per chunk of ``c`` rows: ``z = h @ W.T + b`` (one ``[c, V]`` buffer, reused),
   then the one-pass log-prob/entropy statistics of the chunk (the Triton ``token_stats``
-  op on CUDA, the chunked PyTorch path's :func:`rcpo_losses.tokens._chunk_stats`
+  op on CUDA, the chunked PyTorch path's :func:`rcpo_losses.reference.token_stats.chunk_stats`
   elsewhere). Only ``lse`` and the entropy per row, ``O(N)``, are kept;
 - backward, per chunk: recompute ``z``, turn it into the logits gradient ``g`` (the
-  ``token_stats_backward`` op, or :func:`rcpo_losses.tokens._chunk_logits_grad` in place),
+  ``token_stats_backward`` op, or :func:`rcpo_losses.reference.token_stats.chunk_logits_grad` in place),
   then ``grad_h[chunk] = g @ W``, ``grad_W += g.T @ h``, ``grad_b += g.sum(0)``, the last
   two accumulated in fp32 (fp64 for fp64) and cast to the parameters' dtype at the end.
 
 The model's logit transform (``softcap``, ``logit_scale``, ``temperature``) is applied to
 each chunk in place, and its derivative in the backward. On a CPU whose bf16/fp16 GEMM is a
-slow fallback (probed once, see ``CPU_FP32_MATMUL``) the chunk matmuls run on fp32 operands.
+slow fallback (probed once, see ``rcpo_losses.ops.backend.CPU_FP32_MATMUL``) the chunk matmuls run on fp32 operands.
 With ``process_group`` each rank holds a vocabulary slice of the head
 (:mod:`rcpo_losses.vocab_parallel`).
 
@@ -26,368 +26,19 @@ price is one extra matmul: the forward logits are recomputed in the backward (4 
 of ``N H V`` instead of 3). Both passes are one ``torch.library.custom_op`` each
 (``rcpo_losses::fused_linear_token_stats`` and ``..._backward``), with fake tensors and
 an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them as single opaque
-nodes.
+nodes. They live in :mod:`rcpo_losses.ops.fused_linear`; this module holds the public
+functions and their checks.
 """
 
 from __future__ import annotations
 
-import functools
-import time
-
 import torch
 from torch import Tensor
 
-from . import _backend
-from ._checks import check_positive_int, no_double_backward
-from .tokens import (
-    LogitTransform,
-    ResponseTokenStats,
-    _check_target_ids,
-    _chunk_logits_grad,
-    _chunk_stats,
-    _completion_targets,
-    _compute_dtype,
-    _response_sums,
-    _Workspace,
-    transform_from_args,
-)
-
-# Default chunk: about N / ceil(V / H) rows, so that a chunk of logits holds about as many
-# elements as the hidden states (the rule of Liger-Kernel's fused linear cross-entropy),
-# rounded up to a power of two; at least MIN_CHUNK_ROWS rows (smaller matmuls run far below
-# peak, on the CPU as on a GPU) and at most MAX_CHUNK_ELEMENTS logits (256 MiB of bf16).
-MIN_CHUNK_ROWS = 128
-MAX_CHUNK_ELEMENTS = 1 << 27
-
-
-def default_chunk_rows(N: int, H: int, V: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: ``next_pow2(ceil(N / ceil(V / H)))``, clamped (see above)."""
-    rows = -(-N // max(1, -(-V // max(H, 1))))
-    rows = max(MIN_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
-    return max(1, min(rows, MAX_CHUNK_ELEMENTS // max(V, 1), N))
-
-
-def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """``h @ weight.T + bias`` written into ``out`` (a reused ``[c, V]`` buffer)."""
-    if bias is None:
-        return torch.mm(h, weight.t(), out=out)
-    return torch.addmm(bias, h, weight.t(), out=out)
-
-
-# torch.addmm(..., out_dtype=torch.float32) accumulates bf16/fp16 products straight into an
-# fp32 tensor on CUDA (no [V, H] temporary); the CPU has no such kernel. Turned off at the
-# first failure (an older torch, or a build without it), after which the fallback runs.
-_ADDMM_OUT_DTYPE = [True]
-
-
-def _accumulate_grad_weight(acc: Tensor, g: Tensor, h: Tensor, g_acc: Tensor | None) -> None:
-    """``acc += g.T @ h``: ``acc`` ``[V, H]`` fp32 (fp64); ``g`` ``[c, V]``, ``h`` ``[c, H]`` in the parameters' dtype.
-
-    ``g_acc``: the same gradient in ``acc``'s dtype when the chunk math made it (PyTorch path).
-    """
-    if g.dtype == acc.dtype:
-        acc.addmm_(g.t(), h)
-        return
-    if acc.is_cuda and _ADDMM_OUT_DTYPE[0]:
-        try:
-            torch.addmm(acc, g.t(), h, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE[0] = False
-    if g_acc is not None and not acc.is_cuda:
-        # CPU: no bf16 x bf16 -> fp32 matmul. The fp32 gradient is at hand, and an fp32 addmm_
-        # into the accumulator (with a [c, H] fp32 copy of h) measured faster there than a bf16
-        # product per chunk added in fp32 (0.88 s against 1.24 s for 32 chunks of 128 x 32000 x 512).
-        acc.addmm_(g_acc.t(), h.to(acc.dtype))
-        return
-    acc.add_(torch.mm(g.t(), h))  # one [V, H] temporary in the parameters' dtype, summed in fp32
-
-
-# CPUs without a bf16/fp16 matrix unit (AVX2-only x86) run some bf16 products on a slow
-# fallback: ``[128, 32000] @ [32000, 512]`` took 6.5 s there against 0.04 s in fp32. On such a
-# CPU the PyTorch path does its chunk matmuls on fp32 operands (one fp32 copy of the weight and
-# bias per pass, the size of the fp32 gradient accumulator; the hidden states converted one
-# chunk at a time), which also makes the chunk's logits fp32 directly. None: probe (once per
-# dtype and process); True/False: force it on or off.
-CPU_FP32_MATMUL: bool | None = None
-
-
-@functools.cache
-def _slow_cpu_matmul(dtype: torch.dtype) -> bool:
-    """Probe: is ``[128, 2048] @ [2048, 256]`` in ``dtype`` more than 4x slower than in fp32 on this CPU?
-
-    The fallback's slowdown is 40x to 300x, so the margin absorbs the noise of a busy machine.
-    Constant inputs: the probe does not touch the random number generator.
-    """
-
-    def best(a: Tensor, b: Tensor) -> float:
-        torch.mm(a, b)  # warm-up (oneDNN builds its kernel on the first call)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    a, b = torch.full((128, 2048), 0.5), torch.full((2048, 256), 0.25)
-    return best(a.to(dtype), b.to(dtype)) > 4 * best(a, b)
-
-
-def fp32_matmul_operands(x: Tensor) -> bool:
-    """Whether the PyTorch chunk path should do the matmuls of ``x``'s dtype on fp32 operands (see above)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return _slow_cpu_matmul(x.dtype) if CPU_FP32_MATMUL is None else CPU_FP32_MATMUL
-
-
-def _matmul_operands(weight: Tensor, bias: Tensor | None, use_triton: bool) -> tuple[Tensor, Tensor | None, bool]:
-    """``(weight, bias, cast)`` for the chunk matmuls: fp32 copies and ``cast=True`` where bf16 GEMMs are slow."""
-    if use_triton or not fp32_matmul_operands(weight):
-        return weight, bias, False
-    return weight.float(), None if bias is None else bias.float(), True
-
-
-def _resolve_chunk(chunk: int, N: int, H: int, V: int) -> int:
-    return default_chunk_rows(N, H, V) if chunk <= 0 else min(chunk, max(N, 1))
-
-
-@torch.library.custom_op("rcpo_losses::fused_linear_token_stats", mutates_args=())
-def fused_linear_token_stats_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
-    ignore_index: int,
-    chunk: int,
-    use_triton: bool,
-    entropy: bool,
-    softcap: float = 0.0,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)``, each ``[N]``, of the logits ``hidden @ weight.T + bias`` (``chunk=0``: auto).
-
-    The statistics are of the transformed logits (see :class:`rcpo_losses.tokens.LogitTransform`;
-    ``softcap=0``: none).
-    """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dtype = _compute_dtype(hidden.dtype)
-    logp = hidden.new_zeros(N, dtype=dtype)
-    ent = hidden.new_zeros(N, dtype=dtype)
-    lse = hidden.new_zeros(N, dtype=dtype)
-    if N == 0:
-        return logp, ent, lse
-    chunk = _resolve_chunk(chunk, N, H, V)
-    mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
-    buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)  # the one chunk of logits, reused
-    if use_triton:
-        from .token_ops import token_stats
-
-        for a in range(0, N, chunk):
-            b = min(a + chunk, N)
-            z = _linear(hidden[a:b], weight, bias, buf[: b - a])
-            logp[a:b], ent_c, lse[a:b] = token_stats(
-                z, targets[a:b], ignore_index, 0, softcap, logit_scale, temperature
-            )
-            if entropy:
-                ent[a:b] = ent_c
-        return logp, ent, lse
-    transform = transform_from_args(softcap, logit_scale, temperature)
-    work = _Workspace(buf, chunk, dtype, transform, writable=True)
-    for a in range(0, N, chunk):
-        b = min(a + chunk, N)
-        h = hidden[a:b].float() if cast else hidden[a:b]
-        _linear(h, mm_weight, mm_bias, buf[: b - a])
-        z, log_p, p = work.rows(buf, 0, b - a)
-        logp[a:b], ent[a:b], lse[a:b] = _chunk_stats(z, log_p, p, targets[a:b], ignore_index, entropy)
-    return logp, ent, lse
-
-
-@fused_linear_token_stats_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform):
-    N = hidden.shape[0]
-    dtype = _compute_dtype(hidden.dtype)
-    return tuple(hidden.new_empty((N,), dtype=dtype) for _ in range(3))
-
-
-@torch.library.custom_op("rcpo_losses::fused_linear_token_stats_backward", mutates_args=())
-def fused_linear_token_stats_backward_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
-    lse: Tensor,
-    ent: Tensor,
-    grad_logp: Tensor,
-    grad_entropy: Tensor,
-    ignore_index: int,
-    chunk: int,
-    use_triton: bool,
-    entropy: bool,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    softcap: float = 0.0,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    grad_lse: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy + grad_lse * lse)``.
-
-    A gradient that is not needed (or ``bias`` is None) comes back as an empty ``[0]`` tensor.
-    """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dtype = lse.dtype
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    # contiguous whatever hidden's strides, as the fake says (empty_like would keep a transposed layout)
-    grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
-    grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight else None
-    need_bias = need_bias and bias is not None
-    grad_b = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None
-    if N and (need_hidden or need_weight or need_bias):
-        valid = targets != ignore_index
-        zero = torch.zeros((), dtype=dtype, device=lse.device)
-        g_logp = torch.where(valid, grad_logp.to(dtype), zero)
-        g_ent = torch.where(valid, grad_entropy.to(dtype), zero) if entropy else None
-        g_lse = None if grad_lse is None else torch.where(valid, grad_lse.to(dtype), zero)
-        chunk = _resolve_chunk(chunk, N, H, V)
-        mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
-        buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)
-        if use_triton:
-            from .token_ops import token_stats_backward
-
-            g_ent_k = torch.zeros_like(g_logp) if g_ent is None else g_ent
-        else:
-            transform = transform_from_args(softcap, logit_scale, temperature)
-            work = _Workspace(buf, chunk, dtype, transform, writable=True)
-        for a in range(0, N, chunk):
-            b = min(a + chunk, N)
-            h = hidden[a:b].float() if cast else hidden[a:b]
-            z = _linear(h, mm_weight, mm_bias, buf[: b - a])  # recompute the chunk's logits
-            g_acc = None
-            if use_triton:
-                g = token_stats_backward(
-                    z,
-                    targets[a:b],
-                    lse[a:b],
-                    ent[a:b],
-                    g_logp[a:b],
-                    g_ent_k[a:b],
-                    ignore_index,
-                    0,
-                    softcap,
-                    logit_scale,
-                    temperature,
-                    None if g_lse is None else g_lse[a:b],
-                )
-            else:
-                zc, log_p, p = work.rows(buf, 0, b - a)
-                g = _chunk_logits_grad(
-                    zc,
-                    log_p,
-                    p,
-                    targets[a:b],
-                    ignore_index,
-                    lse[a:b],
-                    ent[a:b],
-                    g_logp[a:b],
-                    None if g_ent is None else g_ent[a:b],
-                    transform,
-                    None if g_lse is None else g_lse[a:b],
-                )
-                if g.dtype != z.dtype:
-                    g_acc, g = g, z.copy_(g)  # bf16/fp16: the logits buffer becomes the logits gradient
-            if need_hidden:
-                if cast:
-                    grad_h[a:b] = torch.mm(g, mm_weight)  # one fp32 [c, H] temporary
-                else:
-                    torch.mm(g, weight, out=grad_h[a:b])
-            if need_weight:
-                _accumulate_grad_weight(grad_w, g, h, g_acc)
-            if need_bias:
-                grad_b.add_(g.sum(0, dtype=acc_dtype))
-    grad_w = weight.new_empty(0) if grad_w is None else grad_w.to(weight.dtype)
-    grad_b = hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
-    return grad_h, grad_w, grad_b
-
-
-@fused_linear_token_stats_backward_op.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    ent,
-    grad_logp,
-    grad_entropy,
-    ignore_index,
-    chunk,
-    use_triton,
-    entropy,
-    need_hidden,
-    need_weight,
-    need_bias,
-    *transform,
-):
-    grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
-    grad_w = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
-    grad_b = bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty(0)
-    return grad_h, grad_w, grad_b
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.args = (ignore_index, chunk, use_triton, entropy)
-    ctx.transform = tuple(transform) + (0.0, 1.0, 1.0)[len(transform) :]  # defaults, if left out
-
-
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    zeros = torch.zeros_like(lse)
-    # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
-    g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
-    g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
-    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
-    grad_h, grad_w, grad_b = fused_linear_token_stats_backward_op(
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        ent,
-        g_logp,
-        g_ent,
-        *ctx.args,
-        need_hidden,
-        need_weight,
-        need_bias and bias is not None,
-        *ctx.transform,
-        g_lse,
-    )
-    return (
-        grad_h if need_hidden else None,
-        grad_w if need_weight else None,
-        grad_b if need_bias and bias is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-fused_linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
-fused_linear_token_stats_backward_op.register_autograd(no_double_backward("fused_linear_token_stats"))
+from .checks import check_positive_int, check_target_ids
+from .ops.fused_linear import fused_linear_stats_any
+from .reference.token_stats import LogitTransform
+from .tokens import ResponseTokenStats, completion_targets, response_sums
 
 
 def _check_fused_inputs(
@@ -429,7 +80,7 @@ def _check_fused_inputs(
         )
     if targets.device != hidden.device:
         raise ValueError(f"targets: on {targets.device}, hidden on {hidden.device}")
-    _check_target_ids(targets, weight.shape[0], ignore_index, validate)
+    check_target_ids(targets, weight.shape[0], ignore_index, validate)
 
 
 def fused_linear_token_stats(
@@ -514,31 +165,29 @@ def fused_linear_token_stats(
     _check_fused_inputs(hidden, weight, bias, targets, ignore_index, validate and process_group is None)
     check_positive_int("chunk_size", chunk_size, "rows")
     transform = LogitTransform.make(softcap, logit_scale, temperature)
-    use_triton = _backend.use_triton(backend, hidden)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).long().contiguous()
-    args = () if transform is None else transform.args()
     if process_group is not None:
         from . import vocab_parallel as vp
 
         V = weight.shape[0]
         offset, total = vp.vocab_offset(V, process_group, weight.device, t.shape[0])
-        _check_target_ids(t, total, ignore_index, validate)
+        check_target_ids(t, total, ignore_index, validate)
         # A slice masked by its bias (-inf everywhere) has no mass on any row (for finite h and W).
         masked = bias is not None and bool((bias.detach() == -torch.inf).all())
         dead = torch.full_like(t, masked, dtype=torch.bool)
         local, owned = vp.local_targets(t, offset, V, ignore_index, dead)
         h = vp.copy_to_ranks(h, process_group)
-        stats = fused_linear_token_stats_op(
-            h, weight, bias, local, vp.LOCAL_IGNORE, chunk_size or 0, use_triton, entropy, *args
+        stats = fused_linear_stats_any(
+            h, weight, bias, local, vp.LOCAL_IGNORE, chunk_size or 0, entropy, transform, backend
         )
         logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group, dead)
         if not entropy:
             ent = torch.zeros_like(ent)
         return logp.reshape(shape), ent.reshape(shape)
-    logp, ent, _ = fused_linear_token_stats_op(
-        h, weight, bias, t, ignore_index, chunk_size or 0, use_triton, entropy, *args
+    logp, ent, _ = fused_linear_stats_any(
+        h, weight, bias, t, ignore_index, chunk_size or 0, entropy, transform, backend
     )
     return logp.reshape(shape), ent.reshape(shape)
 
@@ -593,7 +242,7 @@ def fused_linear_response_stats(
     if hidden.dim() < 2:
         raise ValueError(f"hidden: expected (*, T, H), got shape {tuple(hidden.shape)}")
     check_positive_int("num_responses", num_responses, "responses per prompt")
-    targets, valid = _completion_targets(labels, mask, ignore_index, shift_labels)
+    targets, valid = completion_targets(labels, mask, ignore_index, shift_labels)
     logp, ent = fused_linear_token_stats(
         hidden,
         weight,
@@ -609,4 +258,4 @@ def fused_linear_response_stats(
         temperature=temperature,
         process_group=process_group,
     )
-    return _response_sums(logp, ent, valid, num_responses, "hidden", hidden.shape)
+    return response_sums(logp, ent, valid, num_responses, "hidden", hidden.shape)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .tokens import LogitTransform
+from .reference.token_stats import LogitTransform
 
 # The first-seen check of lm_head_spec against model(...).logits: on by default (see check_lm_head_spec).
 VERIFY = True

@@ -6,58 +6,36 @@ with its predecessor in the top-k list:
 * ranked ``y_{i+1}`` against ``y_i``, weight ``n - i`` (``i = 1..k-1``);
 * each unranked ``u`` against the last pick ``y_k``, weight 1.
 
-``comparisons`` builds that structure once; the smoothed loss (sigmoid) and the exact
-likelihood (step function) both read it. ``mallows_rmj_topk_sum`` is the specification
-of the Triton kernel ``rcpo_losses.kernels.mallows`` and the CPU path.
+That structure, and the smoothed distance that the Triton kernel ``rcpo_losses.kernels.mallows``
+fuses, are in its PyTorch twin :mod:`rcpo_losses.reference.mallows` (``comparisons``,
+``mallows_rmj_topk_sum``, re-exported here). This module holds the public losses (checks,
+rewards, the dispersion weight, the reduction) and the exact likelihood of eq. 11, which reads
+the same comparisons through a step function. The per-row loss is computed by the op
+:func:`rcpo_losses.ops.choice.mallows_rmj_topk_rows_any`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
-from . import _api, _backend, _checks
-from .ranks import UNRANKED, assortment_size, order_by_rank
+from . import checks, inputs
+from .ops.choice import mallows_rmj_topk_rows_any
+from .ranks import assortment_size
 from .reduction import reduce_rows
+from .reference.mallows import Comparisons, comparisons, mallows_rmj_topk_sum
 
-
-class Comparisons(NamedTuple):
-    r_pred: Tensor  # [B, S] reward of each slot's predecessor in the top-k list
-    pred_slot: Tensor  # [B, S] slot index of that predecessor
-    weight: Tensor  # [B, S] (n - i) for ranked y_{i+1}, 1 for unranked, 0 for y_1 and padding
-
-
-def comparisons(r: Tensor, ranks: Tensor) -> Comparisons:
-    """Predecessor and weight of every slot in the Mallows-RMJ distance ``d(mu^k, S)`` (eq. 11)."""
-    S = ranks.shape[-1]
-    order = order_by_rank(ranks)
-    k = (ranks >= 0).sum(-1, keepdim=True)
-    n = assortment_size(ranks)[:, None]
-    pred_rank = torch.where(ranks >= 1, ranks - 1, k - 1).clamp(0, S - 1)
-    pred_slot = order.gather(-1, pred_rank)
-    r_pred = r.gather(-1, pred_slot)
-    weight = torch.where(ranks >= 1, n - ranks, (ranks == UNRANKED).long())
-    return Comparisons(r_pred, pred_slot, weight.to(r.dtype))
-
-
-def mallows_rmj_topk_sum(rewards: Tensor, ranks: Tensor) -> Tensor:
-    r"""Per-row sigmoid-smoothed Mallows-RMJ distance (reference implementation).
-
-    .. math::
-        s_b = \sum_{i=1}^{k-1} (n - i)\, \sigma(r_{y_{i+1}} - r_{y_i})
-            + \sum_{j \in U} \sigma(r_j - r_{y_k})
-
-    the bracket of Theorem 4 (eq. 12) with the indicator ``1{z > 0}`` smoothed to
-    ``sigmoid(z)`` (appendix D). The loss is ``-log(phi) * s_b``.
-
-    Shape:
-        - rewards, ranks: ``(B, S)``; output: ``(B,)`` fp32 (fp64 for fp64 rewards).
-    """
-    r = _api.clean_rewards(rewards, ranks)
-    c = comparisons(r, ranks)
-    return (c.weight * torch.sigmoid(r - c.r_pred)).sum(-1)
+__all__ = [
+    "Comparisons",
+    "comparisons",
+    "log_q_factorial_ratio",
+    "mallows_rmj_discrete",
+    "mallows_rmj_log_likelihood",
+    "mallows_rmj_pairwise",
+    "mallows_rmj_topk",
+    "mallows_rmj_topk_from_rewards",
+    "mallows_rmj_topk_sum",
+]
 
 
 def _weight(neg_log_phi: float | Tensor, like: Tensor) -> Tensor:
@@ -66,12 +44,7 @@ def _weight(neg_log_phi: float | Tensor, like: Tensor) -> Tensor:
 
 
 def _rows(rewards: Tensor, ranks: Tensor, neg_log_phi: float | Tensor, backend: str) -> Tensor:
-    w = _weight(neg_log_phi, rewards)
-    if _backend.use_choice_kernel(backend, rewards):
-        from .choice_ops import mallows_rmj_topk_rows
-
-        return mallows_rmj_topk_rows(rewards, ranks, w)
-    return w * mallows_rmj_topk_sum(rewards, ranks)
+    return mallows_rmj_topk_rows_any(rewards, ranks, _weight(neg_log_phi, rewards), backend)
 
 
 def mallows_rmj_topk_from_rewards(
@@ -94,8 +67,8 @@ def mallows_rmj_topk_from_rewards(
         - rewards, ranks: ``(B, S)``; neg_log_phi: float or ``(B,)``.
         - output: scalar, or ``(B,)`` for ``reduction="none"``.
     """
-    r, ranks = _api.checked_rewards(rewards, ranks, reduction, validate)
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
+    r, ranks = inputs.checked_rewards(rewards, ranks, reduction, validate)
+    checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
     return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
 
 
@@ -132,8 +105,8 @@ def mallows_rmj_topk(
         - policy_logps, ref_logps, ranks: ``(B, S)``; neg_log_phi: float or ``(B,)``.
         - output: scalar in fp32 (fp64 for fp64 inputs), or ``(B,)`` for ``"none"``.
     """
-    r, ranks = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
+    r, ranks = inputs.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
+    checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
     return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
 
 
@@ -157,7 +130,7 @@ def mallows_rmj_discrete(
     Shape:
         - policy_logps, ref_logps, ranks: ``(B, S)``; output: scalar or ``(B,)``.
     """
-    ranks = _api.discrete_ranks(ranks, validate)
+    ranks = inputs.discrete_ranks(ranks, validate)
     return mallows_rmj_topk(
         policy_logps,
         ref_logps,
@@ -189,10 +162,10 @@ def mallows_rmj_pairwise(
     Shape:
         - each log-prob input: ``(B,)``; output: scalar, or ``(B,)`` for ``"none"``.
     """
-    r, ranks = _api.pairwise_rewards(
+    r, ranks = inputs.pairwise_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction, validate
     )
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
+    checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
     return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
 
 
@@ -230,9 +203,9 @@ def mallows_rmj_log_likelihood(
         - rewards, ranks: ``(B, S)``; neg_log_phi: float or ``(B,)``.
         - output: ``(B,)`` fp32 (fp64 for fp64 rewards).
     """
-    r, ranks = _api.checked_rewards(rewards, ranks, "none", validate)
-    _checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
-    r = _api.clean_rewards(r, ranks)
+    r, ranks = inputs.checked_rewards(rewards, ranks, "none", validate)
+    checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
+    r = inputs.clean_rewards(r, ranks)
     w = _weight(neg_log_phi, r)
     c = comparisons(r, ranks)
     slot = torch.arange(r.shape[-1], device=r.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._api import checked_rewards, clean_rewards
+from .inputs import checked_rewards, clean_rewards
 from .ranks import UNRANKED, in_assortment, valid_rows
 
 

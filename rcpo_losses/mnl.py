@@ -1,68 +1,32 @@
 """Multinomial logit (MNL) choice model: Plackett-Luce over top-k lists (paper section 3.1).
 
-``mnl_topk_nll`` is the specification: the plain PyTorch reference that the Triton
-kernel (``rcpo_losses.kernels.mnl``) is tested against, and the CPU path.
+The public losses: checks, eq. 2 rewards and the reduction around the per-row NLL, which the
+op :func:`rcpo_losses.ops.choice.mnl_topk_rows_any` computes with the Triton kernel
+``rcpo_losses.kernels.mnl`` or its PyTorch twin :func:`rcpo_losses.reference.mnl.mnl_topk_nll`
+(the specification, re-exported here as ``rcpo_losses.mnl.mnl_topk_nll``).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import _api, _backend
-from .ranks import UNRANKED, order_by_rank
+from . import inputs
+from .ops.choice import mnl_topk_rows_any
 from .reduction import reduce_rows
+from .reference.mnl import mnl_topk_nll
 
-
-def mnl_topk_nll(rewards: Tensor, ranks: Tensor) -> Tensor:
-    r"""Per-row negative log-likelihood of top-k lists under MNL (reference implementation).
-
-    .. math::
-        \ell_b = \sum_{i=1}^{k} \Big[\log \sum_{j \in R_i} e^{r_j} - r_{y_i}\Big],
-        \qquad R_i = \{y_i, \dots, y_k\} \cup U
-
-    which is eq. 8 (Theorem 2; Theorem 1 for ``k = 1``). ``R_i`` are the responses not
-    yet picked at stage ``i``: the masked reverse logsumexp of Plackett-Luce. A stage
-    whose ``R_i`` is ``{y_i}`` alone adds exactly 0, so ``k = n`` and ``k = n - 1`` agree.
-    Each stage is computed shifted by its pick, ``log(1 + sum_{j in R_i, j != y_i}
-    exp(r_j - r_{y_i}))``, so that it keeps its relative accuracy when it is tiny.
-
-    Shape:
-        - rewards: ``(B, S)`` float; padding slots may hold anything.
-        - ranks: ``(B, S)`` int.
-        - output: ``(B,)`` in fp32 (fp64 for fp64 rewards).
-    """
-    r = _api.clean_rewards(rewards, ranks)
-    S = r.shape[-1]
-    stage = torch.arange(S, device=r.device)
-    k = (ranks >= 0).sum(-1, keepdim=True)
-    active = stage < k  # [B, S]: stage i exists in row b
-    picked = r.gather(-1, order_by_rank(ranks))  # picked[b, i] = r_{y_{i+1}}
-    # others[b, i, j]: response j is in R_i and is not the pick of stage i
-    rank = ranks[:, None, :]
-    others = ((rank > stage[:, None]) | (rank == UNRANKED)) & active[:, :, None]
-    return torch.where(active, _log1p_sum_exp(r[:, None, :] - picked[:, :, None], others), 0.0).sum(-1)
-
-
-def _log1p_sum_exp(d: Tensor, mask: Tensor) -> Tensor:
-    r"""``log(1 + sum_{mask} exp(d))`` over the last dim, to relative accuracy.
-
-    The MNL stage ``logsumexp_{R_i} r - r_{y_i}`` shifted by the pick: with
-    ``c = max(0, max d)``, it is ``c + log(exp(-c) + sum exp(d - c))``, and ``log1p`` of the
-    sum when ``c = 0``. So a well-separated pair keeps the relative accuracy of
-    ``-logsigmoid`` (``9.4e-14`` at a margin of 30, not 0). No member: 0.
-    """
-    c = torch.where(mask, d, -torch.inf).amax(-1).clamp(min=0.0).detach()
-    s = torch.where(mask, d - c[..., None], -torch.inf).exp().sum(-1)
-    return torch.where(c > 0, c + torch.log(torch.exp(-c) + s), torch.log1p(s))
+__all__ = [
+    "mnl_discrete",
+    "mnl_log_likelihood",
+    "mnl_pairwise",
+    "mnl_topk",
+    "mnl_topk_from_rewards",
+    "mnl_topk_nll",
+]
 
 
 def _rows(rewards: Tensor, ranks: Tensor, backend: str) -> Tensor:
-    if _backend.use_choice_kernel(backend, rewards):
-        from .choice_ops import mnl_topk_rows
-
-        return mnl_topk_rows(rewards, ranks)
-    return mnl_topk_nll(rewards, ranks)
+    return mnl_topk_rows_any(rewards, ranks, backend)
 
 
 def mnl_topk_from_rewards(
@@ -79,7 +43,7 @@ def mnl_topk_from_rewards(
         - rewards: ``(B, S)``; ranks: ``(B, S)`` int.
         - output: scalar, or ``(B,)`` for ``reduction="none"``.
     """
-    r, ranks = _api.checked_rewards(rewards, ranks, reduction, validate)
+    r, ranks = inputs.checked_rewards(rewards, ranks, reduction, validate)
     return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
 
 
@@ -117,7 +81,7 @@ def mnl_topk(
         - policy_logps, ref_logps, ranks: ``(B, S)``.
         - output: scalar in fp32 (fp64 for fp64 inputs), or ``(B,)`` for ``"none"``.
     """
-    r, ranks = _api.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
+    r, ranks = inputs.rewards_from_logps(policy_logps, ref_logps, ranks, beta, reduction, validate)
     return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
 
 
@@ -142,7 +106,7 @@ def mnl_discrete(
     Shape:
         - policy_logps, ref_logps, ranks: ``(B, S)``; output: scalar or ``(B,)``.
     """
-    ranks = _api.discrete_ranks(ranks, validate)
+    ranks = inputs.discrete_ranks(ranks, validate)
     return mnl_topk(policy_logps, ref_logps, ranks, beta=beta, reduction=reduction, backend=backend, validate=validate)
 
 
@@ -167,7 +131,7 @@ def mnl_pairwise(
     Shape:
         - each input: ``(B,)``; output: scalar, or ``(B,)`` for ``"none"``.
     """
-    r, ranks = _api.pairwise_rewards(
+    r, ranks = inputs.pairwise_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction, validate
     )
     return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
@@ -185,5 +149,5 @@ def mnl_log_likelihood(rewards: Tensor, ranks: Tensor, *, validate: bool = True)
     Shape:
         - rewards, ranks: ``(B, S)``; output: ``(B,)`` fp32 (fp64 for fp64 rewards).
     """
-    r, ranks = _api.checked_rewards(rewards, ranks, "none", validate)
+    r, ranks = inputs.checked_rewards(rewards, ranks, "none", validate)
     return -mnl_topk_nll(r, ranks)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import _checks
+from . import checks
 from .mallows import mallows_rmj_discrete, mallows_rmj_pairwise, mallows_rmj_topk
 from .mnl import mnl_discrete, mnl_pairwise, mnl_topk
 
@@ -31,8 +31,8 @@ class _RCPOLoss(nn.Module):
 
     def __init__(self, beta: float = 0.1, reduction: str = "mean", backend: str = "auto", validate: bool = True):
         super().__init__()
-        _checks.check_positive("beta", beta)
-        _checks.check_reduction(reduction)
+        checks.check_positive("beta", beta)
+        checks.check_reduction(reduction)
         self.beta = beta
         self.reduction = reduction
         self.backend = backend

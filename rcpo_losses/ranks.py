@@ -4,6 +4,9 @@ A rank tensor is an integer ``[B, S]`` tensor. ``ranks[b, j] = i >= 0`` says tha
 ``j`` is the ``(i + 1)``-th pick of row ``b``'s top-k list; ``UNRANKED`` marks a response
 that was offered but not picked; ``IGNORE`` marks a padding slot that is not in the
 assortment. The ranked entries of a row are exactly ``0 .. k_b - 1``.
+
+The checks of a rank tensor live here too (:func:`check_ranks`), next to :func:`row_checks`,
+which finds what they report.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .checks import first_row, should_sync
 
 UNRANKED = -1
 IGNORE = -100
@@ -61,7 +66,7 @@ class RowChecks(NamedTuple):
 def row_checks(ranks: Tensor) -> RowChecks:
     """Per-row validity of a ``[B, S]`` rank tensor: the one definition of a valid row.
 
-    ``_checks.check_ranks`` raises on the first invalid row (``validate=True``);
+    :func:`check_ranks` raises on the first invalid row (``validate=True``);
     :func:`valid_rows` and :func:`mask_invalid_rows` use the same flags without a sync.
     """
     B, S = ranks.shape
@@ -109,6 +114,48 @@ def mask_invalid_rows(ranks: Tensor) -> Tensor:
     return mask_rows(ranks, valid_rows(ranks))
 
 
+def check_rank_tensor(ranks: Tensor) -> None:
+    """A ``[B, S]`` integer tensor (free: no values are read)."""
+    if not isinstance(ranks, Tensor):
+        raise TypeError(f"ranks: expected a torch.Tensor, got {type(ranks).__name__}")
+    if ranks.dtype.is_floating_point or ranks.dtype.is_complex or ranks.dtype == torch.bool:
+        raise TypeError(f"ranks: expected an integer tensor, got {ranks.dtype}")
+    if ranks.dim() != 2:
+        raise ValueError(f"ranks: expected a [B, S] tensor, got shape {tuple(ranks.shape)}")
+
+
+def check_ranks(ranks: Tensor, validate: bool) -> None:
+    """A ``[B, S]`` integer rank tensor whose rows each hold a valid top-k list (``ranks.row_checks``)."""
+    check_rank_tensor(ranks)
+    if not should_sync(validate):
+        return
+    c = row_checks(ranks)
+    checks = [
+        (c.illegal, "entries must be >= 0 (a pick), {UNRANKED} (UNRANKED) or {IGNORE} (IGNORE)"),
+        (c.too_small, "a row needs at least two responses (it has {n})"),
+        (c.no_pick, "a row needs at least one ranked response (rank 0)"),
+        (c.not_a_list, "ranked entries must be 0..k-1 once each (k = {k})"),
+    ]
+    if c.valid.all():  # the one sync of a valid batch
+        return
+    for bad, message in checks:
+        if bad.any():
+            b = first_row(bad)
+            text = message.format(UNRANKED=UNRANKED, IGNORE=IGNORE, n=int(c.n[b]), k=int(c.k[b]))
+            raise ValueError(f"ranks[{b}]: {text}, got {ranks[b].tolist()}")
+
+
+def check_finite(name: str, x: Tensor, ranks: Tensor) -> None:
+    """``x`` is finite on every slot of the assortment (one sync)."""
+    bad = in_assortment(ranks) & ~torch.isfinite(x.detach())
+    if bad.any():
+        b, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{b}]: slot {j} is in the assortment (rank {int(ranks[b, j])}) but holds "
+            f"{float(x[b, j])}; mark padding slots IGNORE"
+        )
+
+
 def ranks_from_scores(
     scores: Tensor, k: int | Tensor | None = None, mask: Tensor | None = None, *, validate: bool = True
 ) -> Tensor:
@@ -132,8 +179,6 @@ def ranks_from_scores(
     Shape:
         - scores: ``(B, S)``; output: ``(B, S)`` int64.
     """
-    from ._checks import should_sync
-
     if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
         raise TypeError(f"scores: expected a float tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
     if scores.dim() != 2:
@@ -241,8 +286,6 @@ def all_pairs(ranks: Tensor, *, validate: bool = True) -> PairRanks:
     Shape:
         - ranks: ``(B, S)``; output ``row``: ``(P,)``, ``ranks``: ``(P, S)``.
     """
-    from ._checks import check_ranks
-
     check_ranks(ranks, validate)
     ranks = mask_invalid_rows(ranks)  # a no-op after validation; cheap next to the [B, S, S] below
     S = ranks.shape[-1]

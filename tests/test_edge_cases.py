@@ -144,7 +144,7 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_opcheck_fused_linear_on_non_contiguous_inputs(use_triton):
-    from rcpo_losses.fused_linear import fused_linear_token_stats_backward_op, fused_linear_token_stats_op
+    from rcpo_losses.ops.fused_linear import fused_linear_token_stats_backward_op, fused_linear_token_stats_op
 
     g = torch.Generator().manual_seed(1)
     N, H, V = 7, 5, 11
@@ -164,7 +164,7 @@ def test_opcheck_fused_linear_on_non_contiguous_inputs(use_triton):
 
 
 def test_opcheck_token_stats_on_non_contiguous_inputs():
-    from rcpo_losses.token_ops import token_stats, token_stats_backward
+    from rcpo_losses.ops.token_stats import token_stats, token_stats_backward
 
     g = torch.Generator().manual_seed(2)
     z = torch.randn(6, 48, generator=g).to(DEVICE)[:, :40]  # the kernel needs unit stride along V only
@@ -177,7 +177,7 @@ def test_opcheck_token_stats_on_non_contiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_choice_ops_on_non_contiguous_inputs(dtype):
-    from rcpo_losses import choice_ops  # noqa: F401  (registers the ops)
+    from rcpo_losses.ops import choice as choice_ops  # noqa: F401  (registers the ops)
 
     g = torch.Generator().manual_seed(3)
     ranks = _transposed(MIXED[VALID].to(DEVICE))

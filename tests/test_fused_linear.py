@@ -35,9 +35,9 @@ from rcpo_losses import (
     sequence_logps,
     token_logps_and_entropy,
 )
-from rcpo_losses._backend import triton_available
-from rcpo_losses.fused_linear import default_chunk_rows, fused_linear_token_stats_op
-from rcpo_losses.tokens import _token_stats_reference
+from rcpo_losses.ops.backend import triton_available
+from rcpo_losses.ops.fused_linear import default_chunk_rows, fused_linear_token_stats_op
+from rcpo_losses.reference.token_stats import token_stats_reference as _token_stats_reference
 
 # The interpreter runs the kernels in numpy, which warns about the -inf/NaN lanes that
 # tl.where then discards; a GPU computes the same silently.

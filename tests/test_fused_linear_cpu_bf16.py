@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcpo_losses import fused_linear, fused_linear_token_stats
+from rcpo_losses import fused_linear_token_stats
+from rcpo_losses.ops import backend
 
 from .test_fused_linear import TOL, assert_matches_reference, make_inputs, run_fused
 
@@ -14,7 +15,7 @@ from .test_fused_linear import TOL, assert_matches_reference, make_inputs, run_f
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_operands_match_the_reference(monkeypatch, dtype, bias):
-    monkeypatch.setattr(fused_linear, "CPU_FP32_MATMUL", True)
+    monkeypatch.setattr(backend, "CPU_FP32_MATMUL", True)
     h, W, b, t, g_logp, g_ent = make_inputs(3, 37, 16, 300, scale=4.0, dtype=dtype, bias=bias, ignore_frac=0.2)
     assert_matches_reference(h, W, b, t, g_logp, g_ent, tol=TOL[torch.bfloat16], chunk_size=8, backend="torch")
 
@@ -26,7 +27,7 @@ def test_fp32_operands_are_at_least_as_accurate_as_bf16_operands(monkeypatch):
     )
     errors = {}
     for on in (False, True):
-        monkeypatch.setattr(fused_linear, "CPU_FP32_MATMUL", on)
+        monkeypatch.setattr(backend, "CPU_FP32_MATMUL", on)
         got = run_fused(h, W, b, t, g_logp, g_ent, chunk_size=16, backend="torch")
         errors[on] = (
             float((got[0].detach().double() - ref[0].detach()).abs().max()),
@@ -39,9 +40,9 @@ def test_fp32_operands_are_at_least_as_accurate_as_bf16_operands(monkeypatch):
 
 def test_probe_answers_once_and_leaves_the_rng_alone():
     state = torch.get_rng_state()
-    slow = fused_linear._slow_cpu_matmul(torch.bfloat16)
+    slow = backend.slow_cpu_matmul(torch.bfloat16)
     assert isinstance(slow, bool) and torch.equal(torch.get_rng_state(), state)
-    assert fused_linear.fp32_matmul_operands(torch.zeros(1, dtype=torch.float32)) is False
+    assert backend.fp32_matmul_operands(torch.zeros(1, dtype=torch.float32)) is False
     h = torch.randn(4, 8, dtype=torch.bfloat16)
     logp, _ = fused_linear_token_stats(h, torch.randn(10, 8, dtype=torch.bfloat16), torch.arange(4))
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all()

@@ -18,8 +18,9 @@ from rcpo_losses import (
     response_token_stats,
     token_logps_and_entropy,
 )
-from rcpo_losses._backend import triton_available
-from rcpo_losses.tokens import LogitTransform, _token_stats_reference
+from rcpo_losses.ops.backend import triton_available
+from rcpo_losses.reference.token_stats import LogitTransform
+from rcpo_losses.reference.token_stats import token_stats_reference as _token_stats_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -188,8 +189,8 @@ def test_bad_transform_arguments_name_the_argument(name, value, error):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_with_transform(dtype):
-    from rcpo_losses.fused_linear import fused_linear_token_stats_op
-    from rcpo_losses.token_ops import token_stats
+    from rcpo_losses.ops.fused_linear import fused_linear_token_stats_op
+    from rcpo_losses.ops.token_stats import token_stats
 
     g = torch.Generator().manual_seed(5)
     z = torch.randn(6, 40, generator=g).to(DEVICE, dtype).requires_grad_()

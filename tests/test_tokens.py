@@ -19,8 +19,8 @@ from rcpo_losses import (
     response_token_stats,
     token_logps_and_entropy,
 )
-from rcpo_losses._backend import triton_available
-from rcpo_losses.tokens import _token_stats_reference
+from rcpo_losses.ops.backend import triton_available
+from rcpo_losses.reference.token_stats import token_stats_reference as _token_stats_reference
 
 from .strategies import make_ranks
 
@@ -122,7 +122,7 @@ def _bounded_block(N: int, V: int, block_v: int, budget: int = 192) -> int:
     ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
 )
 def test_kernel_matches_fp64_reference(seed, N, V, scale, dtype, block_v, ignore_frac):
-    from rcpo_losses.token_ops import token_logps_and_entropy_triton
+    from rcpo_losses.ops.token_stats import token_logps_and_entropy_triton
 
     z, t = _make_logits(seed, N, V, scale, dtype, ignore_frac)
     bv = _bounded_block(N, V, block_v)
@@ -235,7 +235,7 @@ def test_leading_dims_non_contiguous_and_empty(backend):
 
 @needs_triton
 def test_gradcheck_kernel_fp64():
-    from rcpo_losses.token_ops import token_logps_and_entropy_triton
+    from rcpo_losses.ops.token_stats import token_logps_and_entropy_triton
 
     g = torch.Generator().manual_seed(3)
     z = (torch.randn(4, 11, generator=g, dtype=torch.float64) * 3).to(DEVICE).requires_grad_()
@@ -254,7 +254,7 @@ def test_gradcheck_torch_path_fp64():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_opcheck(dtype):
-    from rcpo_losses.token_ops import token_stats
+    from rcpo_losses.ops.token_stats import token_stats
 
     g = torch.Generator().manual_seed(5)
     z = torch.randn(6, 40, generator=g).to(DEVICE, dtype)

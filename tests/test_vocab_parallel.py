@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
-from rcpo_losses._backend import triton_available
+from rcpo_losses.ops.backend import triton_available
 
 N, H, V = 13, 5, 37  # V = 37: uneven slices (19 + 18, or 10 + 9 + 9 + 9)
 TRANSFORMS = ({}, {"softcap": 3.0, "logit_scale": 1.5, "temperature": 0.7})

@@ -2,7 +2,8 @@
 
 Shape, dtype and device checks are free and always run. Checks that read values need a
 device-to-host sync; they run when ``validate=True`` and never under ``torch.compile``.
-The last helpers give the one error of the token statistics for double backward.
+The last helpers give the one error of the token statistics for double backward. The checks of
+rank tensors, which read the rank conventions, are in :mod:`rcpo_losses.ranks`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import functools
 import torch
 from torch import Tensor
 
-from .ranks import IGNORE, UNRANKED, in_assortment, row_checks
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -21,39 +20,9 @@ def should_sync(validate: bool) -> bool:
     return validate and not torch.compiler.is_compiling()
 
 
-def _first_row(bad: Tensor) -> int:
+def first_row(bad: Tensor) -> int:
+    """The index of the first True of a bool ``[B]`` tensor (one sync)."""
     return int(bad.nonzero()[0, 0])
-
-
-def check_rank_tensor(ranks: Tensor) -> None:
-    """A ``[B, S]`` integer tensor (free: no values are read)."""
-    if not isinstance(ranks, Tensor):
-        raise TypeError(f"ranks: expected a torch.Tensor, got {type(ranks).__name__}")
-    if ranks.dtype.is_floating_point or ranks.dtype.is_complex or ranks.dtype == torch.bool:
-        raise TypeError(f"ranks: expected an integer tensor, got {ranks.dtype}")
-    if ranks.dim() != 2:
-        raise ValueError(f"ranks: expected a [B, S] tensor, got shape {tuple(ranks.shape)}")
-
-
-def check_ranks(ranks: Tensor, validate: bool) -> None:
-    """A ``[B, S]`` integer rank tensor whose rows each hold a valid top-k list (``ranks.row_checks``)."""
-    check_rank_tensor(ranks)
-    if not should_sync(validate):
-        return
-    c = row_checks(ranks)
-    checks = [
-        (c.illegal, "entries must be >= 0 (a pick), {UNRANKED} (UNRANKED) or {IGNORE} (IGNORE)"),
-        (c.too_small, "a row needs at least two responses (it has {n})"),
-        (c.no_pick, "a row needs at least one ranked response (rank 0)"),
-        (c.not_a_list, "ranked entries must be 0..k-1 once each (k = {k})"),
-    ]
-    if c.valid.all():  # the one sync of a valid batch
-        return
-    for bad, message in checks:
-        if bad.any():
-            b = _first_row(bad)
-            text = message.format(UNRANKED=UNRANKED, IGNORE=IGNORE, n=int(c.n[b]), k=int(c.k[b]))
-            raise ValueError(f"ranks[{b}]: {text}, got {ranks[b].tolist()}")
 
 
 def check_score_tensor(name: str, x: Tensor, ranks: Tensor) -> None:
@@ -66,24 +35,6 @@ def check_score_tensor(name: str, x: Tensor, ranks: Tensor) -> None:
         raise ValueError(f"{name}: shape {tuple(x.shape)} does not match ranks {tuple(ranks.shape)}")
     if x.device != ranks.device:
         raise ValueError(f"{name}: on {x.device} but ranks is on {ranks.device}")
-
-
-def check_finite(name: str, x: Tensor, ranks: Tensor) -> None:
-    """``x`` is finite on every slot of the assortment (one sync)."""
-    bad = in_assortment(ranks) & ~torch.isfinite(x.detach())
-    if bad.any():
-        b, j = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(
-            f"{name}[{b}]: slot {j} is in the assortment (rank {int(ranks[b, j])}) but holds "
-            f"{float(x[b, j])}; mark padding slots IGNORE"
-        )
-
-
-def check_scores(name: str, x: Tensor, ranks: Tensor, validate: bool) -> None:
-    """A float tensor of ``ranks``'s shape and device, finite on every slot of the assortment."""
-    check_score_tensor(name, x, ranks)
-    if should_sync(validate):
-        check_finite(name, x, ranks)
 
 
 def check_pair(name: str, x: Tensor, like: Tensor | None = None) -> None:
@@ -141,7 +92,7 @@ def check_neg_log_phi(neg_log_phi: float | Tensor, ranks: Tensor, validate: bool
             w = neg_log_phi.detach().reshape(-1)
             bad = ~torch.isfinite(w.to(dtype)) | (w < 0)
             if bad.any():
-                b = _first_row(bad)
+                b = first_row(bad)
                 v = float(w[b])
                 overflow = f" (overflows {dtype}, the compute dtype)" if abs(v) < float("inf") and v >= 0 else ""
                 raise ValueError(f"neg_log_phi[{b}]: must be finite and >= 0, got {v}{overflow}")
@@ -216,3 +167,15 @@ def check_positive_int(name: str, value: int | None, what: str) -> None:
         raise TypeError(f"{name}: expected None or a positive int ({what}), got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name}: must be a positive number of {what}, got {value}")
+
+
+def check_target_ids(targets: Tensor, V: int, ignore_index: int, validate: bool) -> None:
+    """Every target is ``ignore_index`` or a token id in ``[0, V)`` (a device sync; skipped unvalidated)."""
+    if not should_sync(validate) or targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"targets{list(idx)}: token id {int(targets[idx])} is outside [0, {V}) and not ignore_index={ignore_index}"
+        )

@@ -1,18 +1,18 @@
-"""The choice-model Triton kernels as ``torch.library`` custom ops.
+"""The choice-model ops: per-row MNL and Mallows-RMJ losses, on the Triton kernel or its PyTorch twin.
 
-``rcpo_losses::mnl_topk`` and ``rcpo_losses::mallows_rmj_topk`` (with their
-``*_backward`` ops) wrap the kernels of ``rcpo_losses.kernels.mnl`` and
-``rcpo_losses.kernels.mallows``. Each op has a fake (meta) implementation and an autograd
-formula, so ``torch.compile(fullgraph=True)`` traces through it and autograd runs the
-fused backward kernel. The ops are plain ``custom_op``s rather than ``triton_op``s so
-that they also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+:func:`mnl_topk_rows_any` and :func:`mallows_rmj_topk_rows_any` are what the public losses
+call. They take the kernel when :func:`rcpo_losses.ops.backend.use_choice_kernel` says so (CUDA,
+or ``backend="triton"`` under the interpreter, and rows that fit the kernels' one block), and
+otherwise the specification in :mod:`rcpo_losses.reference` (``mnl_topk_nll``,
+``mallows_rmj_topk_sum``), with the same result.
 
-This module imports Triton; ``rcpo_losses.mnl`` and ``rcpo_losses.mallows`` import it
-only when they take the Triton path, and they alone decide that
-(``rcpo_losses._backend.use_choice_kernel``, which also sends rows wider than the kernels'
-one-block limit ``MAX_BLOCK_S`` to the PyTorch reference). This module never dispatches back
-into the losses; it takes only their PyTorch specifications (``mnl_topk_nll``,
-``mallows_rmj_topk_sum``), lazily, for the second-order derivative.
+``rcpo_losses::mnl_topk`` and ``rcpo_losses::mallows_rmj_topk`` (with their ``*_backward``
+ops) wrap the kernels of ``rcpo_losses.kernels.mnl`` and ``rcpo_losses.kernels.mallows``.
+Each op has a fake (meta) implementation and an autograd formula, so
+``torch.compile(fullgraph=True)`` traces through it and autograd runs the fused backward
+kernel; the second derivative goes through the PyTorch twin. The ops are plain
+``custom_op``s rather than ``triton_op``s so that they also run on CPU tensors under the
+Triton interpreter (``TRITON_INTERPRET=1``). Triton is imported only when a kernel runs.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import mallows as _mallows_kernels
-from .kernels import mnl as _mnl_kernels
-from .rewards import compute_dtype
+from ..reference.mallows import mallows_rmj_topk_sum
+from ..reference.mnl import mnl_topk_nll
+from ..rewards import compute_dtype
+from .backend import use_choice_kernel
 
 _KERNEL_RANK_DTYPES = (torch.int32, torch.int64)
 
@@ -52,8 +53,10 @@ def _kernel_ranks(ranks: Tensor) -> Tensor:
 
 @torch.library.custom_op("rcpo_losses::mnl_topk", mutates_args=())
 def mnl_topk_op(rewards: Tensor, ranks: Tensor) -> Tensor:
-    """Per-row MNL top-k NLL ``[B]`` (``rcpo_losses.mnl.mnl_topk_nll``), fused Triton kernel."""
-    return _mnl_kernels.mnl_topk_fwd(rewards, ranks)
+    """Per-row MNL top-k NLL ``[B]`` (``rcpo_losses.reference.mnl.mnl_topk_nll``), fused Triton kernel."""
+    from ..kernels.mnl import mnl_topk_fwd
+
+    return mnl_topk_fwd(rewards, ranks)
 
 
 @mnl_topk_op.register_fake
@@ -64,7 +67,9 @@ def _(rewards: Tensor, ranks: Tensor) -> Tensor:
 @torch.library.custom_op("rcpo_losses::mnl_topk_backward", mutates_args=())
 def mnl_topk_backward_op(grad: Tensor, rewards: Tensor, ranks: Tensor) -> Tensor:
     """Gradient ``[B, S]`` of ``sum_b grad[b] * mnl_topk(rewards, ranks)[b]`` w.r.t. rewards."""
-    return _mnl_kernels.mnl_topk_bwd(grad, rewards, ranks)
+    from ..kernels.mnl import mnl_topk_bwd
+
+    return mnl_topk_bwd(grad, rewards, ranks)
 
 
 @mnl_topk_backward_op.register_fake
@@ -91,8 +96,6 @@ mnl_topk_op.register_autograd(_mnl_backward, setup_context=_mnl_setup_context)
 
 
 def _mnl_reference_grad(grad: Tensor, rewards: Tensor, ranks: Tensor) -> Tensor:
-    from .mnl import mnl_topk_nll
-
     return torch.func.vjp(lambda r: mnl_topk_nll(r, ranks), rewards)[1](grad)[0]
 
 
@@ -122,13 +125,22 @@ def mnl_topk_rows(rewards: Tensor, ranks: Tensor) -> Tensor:
     return mnl_topk_op(rewards, _kernel_ranks(ranks))
 
 
+def mnl_topk_rows_any(rewards: Tensor, ranks: Tensor, backend: str) -> Tensor:
+    """Per-row MNL top-k loss ``[B]``: the Triton kernel where ``use_choice_kernel`` says so, else ``mnl_topk_nll``."""
+    if use_choice_kernel(backend, rewards):
+        return mnl_topk_rows(rewards, ranks)
+    return mnl_topk_nll(rewards, ranks)
+
+
 # --- Mallows-RMJ ------------------------------------------------------------------------
 
 
 @torch.library.custom_op("rcpo_losses::mallows_rmj_topk", mutates_args=())
 def mallows_rmj_topk_op(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
     """Per-row ``w * mallows_rmj_topk_sum(rewards, ranks)`` ``[B]``, fused Triton kernel."""
-    return _mallows_kernels.mallows_rmj_topk_fwd(rewards, ranks, w)
+    from ..kernels.mallows import mallows_rmj_topk_fwd
+
+    return mallows_rmj_topk_fwd(rewards, ranks, w)
 
 
 @mallows_rmj_topk_op.register_fake
@@ -139,7 +151,9 @@ def _(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
 @torch.library.custom_op("rcpo_losses::mallows_rmj_topk_backward", mutates_args=())
 def mallows_rmj_topk_backward_op(grad: Tensor, rewards: Tensor, ranks: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients ``([B, S], [B])`` w.r.t. rewards and ``w`` of ``sum_b grad[b] * loss[b]``."""
-    return _mallows_kernels.mallows_rmj_topk_bwd(grad, rewards, ranks, w)
+    from ..kernels.mallows import mallows_rmj_topk_bwd
+
+    return mallows_rmj_topk_bwd(grad, rewards, ranks, w)
 
 
 @mallows_rmj_topk_backward_op.register_fake
@@ -162,8 +176,6 @@ mallows_rmj_topk_op.register_autograd(_mallows_backward, setup_context=_mallows_
 
 
 def _mallows_reference_grads(grad: Tensor, rewards: Tensor, ranks: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    from .mallows import mallows_rmj_topk_sum
-
     return torch.func.vjp(lambda r, v: v * mallows_rmj_topk_sum(r, ranks), rewards, w)[1](grad)
 
 
@@ -195,3 +207,11 @@ def mallows_rmj_topk_rows(rewards: Tensor, ranks: Tensor, w: Tensor) -> Tensor:
     rewards = rewards.to(compute_dtype(rewards))
     w = w.to(rewards.dtype)
     return mallows_rmj_topk_op(rewards, _kernel_ranks(ranks), w)
+
+
+def mallows_rmj_topk_rows_any(rewards: Tensor, ranks: Tensor, w: Tensor, backend: str) -> Tensor:
+    """Per-row Mallows-RMJ loss ``w * s`` ``[B]``: the Triton kernel where ``use_choice_kernel`` says so, else
+    ``w * mallows_rmj_topk_sum``."""
+    if use_choice_kernel(backend, rewards):
+        return mallows_rmj_topk_rows(rewards, ranks, w)
+    return w * mallows_rmj_topk_sum(rewards, ranks)

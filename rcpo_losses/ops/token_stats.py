@@ -1,4 +1,8 @@
-"""``torch.library`` registration of the per-token log-prob/entropy Triton kernel.
+"""The per-token log-prob/entropy op: the Triton kernel ``rcpo_losses.kernels.token_stats`` or its PyTorch twin.
+
+:func:`token_stats_any` is what :func:`rcpo_losses.token_logps_and_entropy` calls: the
+kernel where :func:`rcpo_losses.ops.backend.use_triton` says so, otherwise the chunked
+PyTorch path :class:`rcpo_losses.reference.token_stats.TokenStats`.
 
 ``rcpo_losses::token_stats`` (forward) returns ``(logp, entropy, lse)`` per row;
 ``rcpo_losses::token_stats_backward`` returns the logits gradient. Both carry fake
@@ -16,11 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import no_double_backward
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..checks import no_double_backward
+from ..reference.token_stats import LogitTransform, TokenStats, compute_dtype
+from .backend import use_triton
 
 
 @torch.library.custom_op("rcpo_losses::token_stats", mutates_args=())
@@ -38,7 +40,7 @@ def token_stats(
     The statistics are those of ``softcap * tanh(logit_scale * logits / softcap) / temperature``
     (``softcap=0``: ``logit_scale * logits / temperature``), transformed inside the kernel.
     """
-    from .kernels.token_stats import token_stats_forward
+    from ..kernels.token_stats import token_stats_forward
 
     return token_stats_forward(logits, targets, ignore_index, block_v, softcap, logit_scale, temperature)
 
@@ -48,7 +50,7 @@ def _(
     logits: Tensor, targets: Tensor, ignore_index: int, block_v: int, softcap=0.0, logit_scale=1.0, temperature=1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     N = logits.shape[0]
-    dtype = _out_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     return tuple(logits.new_empty((N,), dtype=dtype) for _ in range(3))
 
 
@@ -68,7 +70,7 @@ def token_stats_backward(
     grad_lse: Tensor | None = None,
 ) -> Tensor:
     """Gradient ``[N, V]`` (logits' dtype, raw logits) of ``sum(grad_logp * logp + grad_entropy * entropy)``."""
-    from .kernels.token_stats import token_stats_backward as launch
+    from ..kernels.token_stats import token_stats_backward as launch
 
     return launch(
         logits,
@@ -123,8 +125,22 @@ def token_logps_and_entropy_triton(
 ) -> tuple[Tensor, Tensor]:
     """Triton path of :func:`rcpo_losses.token_logps_and_entropy` for ``[N, V]`` logits and ``[N]`` targets.
 
-    ``transform``: a :class:`rcpo_losses.tokens.LogitTransform` or None.
+    ``transform``: a :class:`rcpo_losses.reference.token_stats.LogitTransform` or None.
     """
     args = () if transform is None else transform.args()
     logp, ent, _ = token_stats(logits, targets, ignore_index, block_v, *args)
     return logp, ent
+
+
+def token_stats_any(
+    logits: Tensor, targets: Tensor, ignore_index: int, chunk: int, transform: LogitTransform | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)``, each ``[N]`` and differentiable, of ``[N, V]`` logits and ``[N]`` int64 targets.
+
+    The Triton op where ``use_triton(backend, logits)``; otherwise the chunked PyTorch path,
+    ``chunk`` rows at a time (the kernel streams whole rows and ignores ``chunk``).
+    """
+    if use_triton(backend, logits):
+        args = () if transform is None else transform.args()
+        return token_stats(logits, targets.contiguous(), ignore_index, 0, *args)
+    return TokenStats.apply(logits, targets, ignore_index, chunk, transform)

@@ -13,14 +13,23 @@ import math
 import torch
 from torch import Tensor
 
-from . import _checks
-from .ranks import UNRANKED, in_assortment, list_length, mask_invalid_rows, mask_rows
+from . import checks
+from .ranks import (
+    UNRANKED,
+    check_finite,
+    check_rank_tensor,
+    check_ranks,
+    in_assortment,
+    list_length,
+    mask_invalid_rows,
+    mask_rows,
+)
 from .rewards import compute_dtype, implicit_rewards
 
 
 def masked_ranks(ranks: Tensor, validate: bool) -> Tensor:
     """``ranks`` after ``check_ranks``: as they are when every row was checked, else invalid rows masked."""
-    return ranks if _checks.should_sync(validate) else mask_invalid_rows(ranks)
+    return ranks if checks.should_sync(validate) else mask_invalid_rows(ranks)
 
 
 def _check_rewards_finite(r: Tensor, ranks: Tensor, beta: float, inputs, where) -> None:
@@ -49,14 +58,14 @@ def rewards_from_logps(
     policy_logps: Tensor, ref_logps: Tensor | None, ranks: Tensor, beta: float, reduction: str, validate: bool
 ) -> tuple[Tensor, Tensor]:
     """Check a ``[B, S]`` loss call; return its eq. 2 rewards and the ranks with invalid rows masked."""
-    _checks.check_ranks(ranks, validate)
-    _checks.check_score_tensor("policy_logps", policy_logps, ranks)
+    check_ranks(ranks, validate)
+    checks.check_score_tensor("policy_logps", policy_logps, ranks)
     if ref_logps is not None:
-        _checks.check_score_tensor("ref_logps", ref_logps, ranks)
-    _checks.check_beta(beta, compute_dtype(policy_logps, ref_logps))
-    _checks.check_reduction(reduction)
+        checks.check_score_tensor("ref_logps", ref_logps, ranks)
+    checks.check_beta(beta, compute_dtype(policy_logps, ref_logps))
+    checks.check_reduction(reduction)
     r = implicit_rewards(policy_logps, ref_logps, beta=beta)
-    if _checks.should_sync(validate):
+    if checks.should_sync(validate):
 
         def inputs(b, j):
             return [("policy_logps", policy_logps[b, j]), ("ref_logps", None if ref_logps is None else ref_logps[b, j])]
@@ -71,12 +80,12 @@ def rewards_from_logps(
 
 def checked_rewards(rewards: Tensor, ranks: Tensor, reduction: str, validate: bool) -> tuple[Tensor, Tensor]:
     """Check a ``*_from_rewards`` call; return the rewards in the compute dtype and the masked ranks."""
-    _checks.check_ranks(ranks, validate)
-    _checks.check_score_tensor("rewards", rewards, ranks)
-    _checks.check_reduction(reduction)
+    check_ranks(ranks, validate)
+    checks.check_score_tensor("rewards", rewards, ranks)
+    checks.check_reduction(reduction)
     r = rewards.to(compute_dtype(rewards))
-    if _checks.should_sync(validate):
-        _checks.check_finite("rewards", r, ranks)  # fp16/bf16 rewards are finite in fp32 too
+    if checks.should_sync(validate):
+        check_finite("rewards", r, ranks)  # fp16/bf16 rewards are finite in fp32 too
     return r, masked_ranks(ranks, validate)
 
 
@@ -100,21 +109,21 @@ def pairwise_rewards(
     validate: bool,
 ) -> tuple[Tensor, Tensor]:
     """Check a chosen/rejected ``[B]`` call; return ``[B, 2]`` rewards and ranks ``[0, UNRANKED]``."""
-    _checks.check_pair("policy_chosen_logps", policy_chosen)
-    _checks.check_pair("policy_rejected_logps", policy_rejected, policy_chosen)
+    checks.check_pair("policy_chosen_logps", policy_chosen)
+    checks.check_pair("policy_rejected_logps", policy_rejected, policy_chosen)
     if (ref_chosen is None) != (ref_rejected is None):
         raise ValueError("ref_chosen_logps, ref_rejected_logps: pass both or neither")
     policy = torch.stack([policy_chosen, policy_rejected], dim=-1)
     ref = None
     if ref_chosen is not None:
-        _checks.check_pair("ref_chosen_logps", ref_chosen, policy_chosen)
-        _checks.check_pair("ref_rejected_logps", ref_rejected, policy_chosen)
+        checks.check_pair("ref_chosen_logps", ref_chosen, policy_chosen)
+        checks.check_pair("ref_rejected_logps", ref_rejected, policy_chosen)
         ref = torch.stack([ref_chosen, ref_rejected], dim=-1)
-    _checks.check_beta(beta, compute_dtype(policy, ref))
-    _checks.check_reduction(reduction)
+    checks.check_beta(beta, compute_dtype(policy, ref))
+    checks.check_reduction(reduction)
     ranks = torch.tensor([0, UNRANKED], device=policy.device).expand(policy.shape[0], 2)
     r = implicit_rewards(policy, ref, beta=beta)
-    if _checks.should_sync(validate):
+    if checks.should_sync(validate):
 
         def inputs(b, j):
             side = ("chosen", "rejected")[j]
@@ -133,12 +142,12 @@ def discrete_ranks(ranks: Tensor, validate: bool) -> Tensor:
     Checked when validating; otherwise a row with ``k != 1`` is masked to all-``IGNORE``
     (loss 0, left out of the mean), like any other invalid row.
     """
-    _checks.check_rank_tensor(ranks)
+    check_rank_tensor(ranks)
     k = list_length(ranks)
-    if _checks.should_sync(validate) and (k != 1).any():
+    if checks.should_sync(validate) and (k != 1).any():
         b = int((k != 1).nonzero()[0, 0])
         raise ValueError(
             f"ranks[{b}]: single-best (discrete) feedback needs k = 1, got k = {int(k[b])}; "
             "use the *_topk loss for top-k lists"
         )
-    return ranks if _checks.should_sync(validate) else mask_rows(ranks, k == 1)
+    return ranks if checks.should_sync(validate) else mask_rows(ranks, k == 1)

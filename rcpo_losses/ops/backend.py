@@ -1,0 +1,105 @@
+"""Backend choice: Triton kernels on CUDA, the PyTorch reference everywhere else.
+
+The one place that decides. The ops ask :func:`use_triton` (token statistics, the fused LM
+head), :func:`use_choice_kernel` (choice models, which adds the kernels' width limit) and
+:func:`fp32_matmul_operands` (the CPU's chunk matmuls), and then run the Triton kernel of
+``rcpo_losses.kernels`` or its twin in :mod:`rcpo_losses.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import time
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+# Looked up once, without importing triton; a plain constant is free for torch.compile to trace.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    return TRITON_AVAILABLE
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(backend: str, x: Tensor) -> bool:
+    """Whether to run the Triton kernel for tensor ``x`` under ``backend``.
+
+    ``"auto"`` takes Triton for CUDA tensors when Triton imports, else PyTorch.
+    ``"triton"`` insists: it raises if Triton is missing, or if ``x`` is on the CPU and
+    the Triton interpreter (``TRITON_INTERPRET=1``) is not on.
+    """
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return x.is_cuda and triton_available()
+    if backend != "triton":
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if not triton_available():
+        raise RuntimeError("backend='triton': Triton is not installed (pip install triton)")
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"backend='triton': tensors are on {x.device}; Triton kernels need CUDA tensors, "
+            "or TRITON_INTERPRET=1 set before triton is first imported to run them on the CPU"
+        )
+    return True
+
+
+def use_choice_kernel(backend: str, rewards: Tensor) -> bool:
+    """Whether a choice-model loss runs its Triton kernel on ``rewards [B, S]`` under ``backend``.
+
+    As :func:`use_triton`, and the row must fit the kernels' one block,
+    ``S <= rcpo_losses.kernels.choice_common.MAX_BLOCK_S``; wider rows run the PyTorch
+    reference, with the same result. Triton is imported only when the Triton path is taken.
+    """
+    if not use_triton(backend, rewards):
+        return False
+    from ..kernels.choice_common import MAX_BLOCK_S
+
+    return rewards.shape[-1] <= MAX_BLOCK_S
+
+
+# CPUs without a bf16/fp16 matrix unit (AVX2-only x86) run some bf16 products on a slow
+# fallback: ``[128, 32000] @ [32000, 512]`` took 6.5 s there against 0.04 s in fp32. On such a
+# CPU the PyTorch path does its chunk matmuls on fp32 operands (one fp32 copy of the weight and
+# bias per pass, the size of the fp32 gradient accumulator; the hidden states converted one
+# chunk at a time), which also makes the chunk's logits fp32 directly. None: probe (once per
+# dtype and process); True/False: force it on or off.
+CPU_FP32_MATMUL: bool | None = None
+
+
+@functools.cache
+def slow_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Probe: is ``[128, 2048] @ [2048, 256]`` in ``dtype`` more than 4x slower than in fp32 on this CPU?
+
+    The fallback's slowdown is 40x to 300x, so the margin absorbs the noise of a busy machine.
+    Constant inputs: the probe does not touch the random number generator.
+    """
+
+    def best(a: Tensor, b: Tensor) -> float:
+        torch.mm(a, b)  # warm-up (oneDNN builds its kernel on the first call)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    a, b = torch.full((128, 2048), 0.5), torch.full((2048, 256), 0.25)
+    return best(a.to(dtype), b.to(dtype)) > 4 * best(a, b)
+
+
+def fp32_matmul_operands(x: Tensor) -> bool:
+    """Whether the PyTorch chunk path should do the matmuls of ``x``'s dtype on fp32 operands (see above)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return slow_cpu_matmul(x.dtype) if CPU_FP32_MATMUL is None else CPU_FP32_MATMUL
