@@ -6,7 +6,7 @@ reductions over prompts. See docs/index.md.
 
 from .dispersion import entropy_dispersion
 from .fused_linear import fused_linear_response_stats, fused_linear_token_stats
-from .lm_head import LMHeadSpec, final_hidden_states, lm_head_spec
+from .lm_head import LMHeadSpec, check_lm_head_spec, final_hidden_states, lm_head_spec
 from .mallows import (
     mallows_rmj_discrete,
     mallows_rmj_log_likelihood,
@@ -35,6 +35,7 @@ __all__ = [
     "UNRANKED",
     "ResponseTokenStats",
     "all_pairs",
+    "check_lm_head_spec",
     "entropy_dispersion",
     "entropy_dispersion_from_logits",
     "final_hidden_states",

@@ -15,7 +15,8 @@ torch is needed: the tokenizer is any object with the Hugging Face tokenizer int
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,9 +53,13 @@ def row_ranks(
       best score itself is tied there is nothing to rank, and it raises (filter such rows out
       of the dataset with this function, see docs/integration.md).
 
-    Raises ``ValueError`` naming the row (``index``) for fewer than two completions,
-    scores of the wrong length or not finite, a ranking that is not a list of distinct
-    completion indices, both or neither of ``scores`` and ``ranking``.
+    ``scores`` and ``ranking`` may be lists, tuples, 1-d numpy arrays or tensors; ranking
+    indices may be numpy or tensor integers (``np.argsort(-scores)``).
+
+    Raises ``ValueError`` naming the row (``index``) and the field for fewer than two
+    completions, feedback that is not a list (a scalar, a string), a score that is not a
+    number (``None``) or not finite, scores of the wrong length, a ranking that is not a list
+    of distinct completion indices, both or neither of ``scores`` and ``ranking``.
     """
     where = _where(index)
     if ties not in TIES:
@@ -73,15 +78,16 @@ def row_ranks(
         raise ValueError(f"{where}: give exactly one of 'scores' and 'ranking'")
     kk = n if k is None else min(k, n)
     if ranking is not None:
-        ranking = list(ranking)
-        bad = not ranking or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in ranking)
+        given = _feedback_list(ranking, "ranking", "completion indices", where)
+        ranking = [_index(i) for i in given]
+        bad = not ranking or any(i is None or not 0 <= i < n for i in ranking)
         if bad or len(set(ranking)) != len(ranking):
             raise ValueError(
-                f"{where}: 'ranking' must list distinct completion indices in [0, {n}), best first, got {ranking}"
+                f"{where}: 'ranking' must list distinct completion indices in [0, {n}), best first, got {given}"
             )
         order = ranking[:kk]
     else:
-        scores = [float(s) for s in scores]
+        scores = [_score(s, j, where) for j, s in enumerate(_feedback_list(scores, "scores", "numbers", where))]
         if len(scores) != n:
             raise ValueError(f"{where}: {len(scores)} scores for {n} completions")
         if not all(math.isfinite(s) for s in scores):
@@ -109,6 +115,32 @@ def row_ranks(
     for position, j in enumerate(order):
         ranks[j] = position
     return ranks
+
+
+def _feedback_list(value: Any, field: str, what: str, where: str) -> list:
+    """``value`` as a list: a list, tuple, numpy array or tensor of one dimension, not a scalar or a string."""
+    if isinstance(value, (str, bytes, Mapping)) or getattr(value, "ndim", 1) != 1 or not isinstance(value, Iterable):
+        raise ValueError(f"{where}: '{field}' must be a list of {what}, got {type(value).__name__} {value!r}")
+    return list(value)
+
+
+def _index(i: Any) -> int | None:
+    """An integer-like index (int, numpy integer, integer 0-d tensor) as an int; None for anything else, bools too."""
+    if isinstance(i, bool) or str(getattr(i, "dtype", "")).endswith("bool"):
+        return None
+    try:
+        return operator.index(i)
+    except TypeError:
+        return None
+
+
+def _score(s: Any, j: int, where: str) -> float:
+    if isinstance(s, (str, bytes)) or s is None:
+        raise ValueError(f"{where}: 'scores'[{j}] = {s!r} is not a number")
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: 'scores'[{j}] = {s!r} is not a number") from None
 
 
 def _is_conversational(x: Any) -> bool:

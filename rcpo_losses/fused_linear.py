@@ -172,14 +172,17 @@ def fused_linear_token_stats(
         from . import vocab_parallel as vp
 
         V = weight.shape[0]
-        offset, total = vp.vocab_offset(V, process_group, weight.device)
+        offset, total = vp.vocab_offset(V, process_group, weight.device, t.shape[0])
         check_target_ids(t, total, ignore_index, validate)
-        local, owned = vp.local_targets(t, offset, V, ignore_index)
+        # A slice masked by its bias (-inf everywhere) has no mass on any row (for finite h and W).
+        masked = bias is not None and bool((bias.detach() == -torch.inf).all())
+        dead = torch.full_like(t, masked, dtype=torch.bool)
+        local, owned = vp.local_targets(t, offset, V, ignore_index, dead)
         h = vp.copy_to_ranks(h, process_group)
         stats = fused_linear_stats_any(
-            h, weight, bias, local, ignore_index, chunk_size or 0, entropy, transform, backend
+            h, weight, bias, local, vp.LOCAL_IGNORE, chunk_size or 0, entropy, transform, backend
         )
-        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group, dead)
         if not entropy:
             ent = torch.zeros_like(ent)
         return logp.reshape(shape), ent.reshape(shape)

@@ -1,18 +1,42 @@
 """The LM head of a Hugging Face causal LM, as the fused linear path needs it, read from the model.
 
 ``lm_head_spec(model)`` returns the head's weight and bias and the output transform that the
-model applies to its logits (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``),
-so that :func:`rcpo_losses.fused_linear_response_stats` computes the log-probs of the model's
-own logits; ``final_hidden_states`` gets the hidden states those logits are computed from,
+model applies to its logits (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``,
+Granite's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``), so that
+:func:`rcpo_losses.fused_linear_response_stats` computes the log-probs of the model's own
+logits; ``final_hidden_states`` gets the hidden states those logits are computed from,
 through the (possibly DDP-wrapped) model's own forward. Duck-typed: nothing here imports
 ``transformers``.
+
+A table of config fields lags the model zoo, so the first time a (model class, head class,
+config) is seen, the spec is checked against the model's own ``model(...).logits`` on a few
+positions (:func:`check_lm_head_spec`, one small forward); ``VERIFY = False`` here, or
+``lm_head_spec(model, verify=False)``, turns that off.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
+
+from .reference.token_stats import LogitTransform
+
+# The first-seen check of lm_head_spec against model(...).logits: on by default (see check_lm_head_spec).
+VERIFY = True
+_VERIFIED: set[tuple] = set()  # (model class, head class, config fingerprint) whose spec matched the model's logits
+
+# Config fields that scale the logits, with the power of the field that multiplies them, as the
+# models' forwards in transformers 5.x apply them: {field: {model_type: power, "*": other types}}.
+# Power 0: the config carries the field but the forward never applies it.
+SCALE_FIELDS = {
+    "logit_scale": {"*": 1, "mpt": 0},  # Cohere, Cohere2: logits * logit_scale; MPT's forward ignores its own
+    "logits_scaling": {"*": -1, "hyperclovax": 1},  # Granite, GraniteMoe*: logits / logits_scaling
+    "lm_head_multiplier": {"*": 1},  # Falcon-H1: lm_head(h) * lm_head_multiplier
+    "output_multiplier": {"*": 1},  # Muse: logits * output_multiplier, before the soft-cap
+}
 
 
 class LMHeadSpec(NamedTuple):
@@ -21,7 +45,7 @@ class LMHeadSpec(NamedTuple):
     weight: Tensor  # (V, H): model.get_output_embeddings().weight (tied to the embeddings in some models)
     bias: Tensor | None  # (V,) or None
     softcap: float | None  # config.final_logit_softcapping (Gemma-2: 30.0), or None
-    logit_scale: float  # config.logit_scale (Cohere), or 1.0
+    logit_scale: float  # product of SCALE_FIELDS' factors (Cohere's logit_scale, 1 / Granite's logits_scaling)
 
     def as_kwargs(self) -> dict[str, Any]:
         """``dict(weight=..., bias=..., softcap=..., logit_scale=...)`` for ``fused_linear_*(hidden, **kwargs)``."""
@@ -59,18 +83,52 @@ def _check_no_active_lora(head: nn.Module) -> None:
         )
 
 
-def lm_head_spec(model: nn.Module) -> LMHeadSpec:
+def _config(model: nn.Module):
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):  # multimodal configs keep the language model's settings in a sub-config
+        config = get_text()
+    return config
+
+
+def _logit_scale(config, name: str) -> float:
+    """The product of the :data:`SCALE_FIELDS` factors that ``config``'s model type applies."""
+    scale = 1.0
+    model_type = getattr(config, "model_type", None)
+    for field, powers in SCALE_FIELDS.items():
+        value = getattr(config, field, None)
+        power = powers.get(model_type, powers["*"])
+        if value is None or power == 0:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"model: {name}.config.{field} = {value!r} is not a finite number > 0")
+        scale *= float(value) ** power
+    return scale
+
+
+def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
     r"""The LM head's weight and bias, and the model's logit transform, read from a Hugging Face causal LM.
 
     The model's logits are :math:`c \tanh(a (h W^\top + b) / c)` with ``c`` =
-    ``config.final_logit_softcapping`` (Gemma-2; no cap when it is None) and ``a`` =
-    ``config.logit_scale`` (Cohere; 1 when absent). Passing the spec to the fused path
-    (``fused_linear_response_stats(hidden, labels=..., **spec.as_kwargs())``) gives the
-    log-probs of exactly those logits, so the transform cannot be forgotten.
+    ``config.final_logit_softcapping`` (Gemma-2; no cap when it is None) and ``a`` the product
+    of the scales in :data:`SCALE_FIELDS`: Cohere's ``logit_scale``, ``1 / logits_scaling``
+    (Granite, GraniteMoe), Falcon-H1's ``lm_head_multiplier`` (1 when absent; MPT's config
+    has a ``logit_scale`` that its forward never applies, so it is not read). Passing the spec
+    to the fused path (``fused_linear_response_stats(hidden, labels=..., **spec.as_kwargs())``)
+    gives the log-probs of exactly those logits, so the transform cannot be forgotten.
+
+    A transform that no config field tells (a custom head, a family newer than the table) is
+    caught by :func:`check_lm_head_spec`: the first time a (model class, head class, config)
+    is seen in the process, the spec's logits are compared with ``model(...).logits`` on a
+    few positions (one small forward, in eval mode, under ``no_grad``; skipped while
+    ``torch.compile`` traces), and a ``ValueError`` names the model class if they differ.
 
     Args:
         model: a causal LM with ``get_output_embeddings()`` and ``config``, or a DDP /
             ``torch.compile`` wrapper of one (unwrapped through ``.module`` / ``._orig_mod``).
+        verify: run the first-seen check; ``None`` (default) follows the module switch
+            ``rcpo_losses.lm_head.VERIFY`` (True). ``False`` for models whose forward cannot
+            be called with ``input_ids`` alone, or under FSDP when ranks may see different models.
 
     Returns:
         :class:`LMHeadSpec` ``(weight, bias, softcap, logit_scale)``; the tensors are the
@@ -81,6 +139,17 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
         disabled (``model.disable_adapter()``): the spec holds ``W`` alone.
     """
     inner = unwrap_model(model)
+    spec = _read_spec(inner)
+    if (VERIFY if verify is None else verify) and not torch.compiler.is_compiling():
+        key = _fingerprint(inner)
+        if key not in _VERIFIED:
+            check_lm_head_spec(inner, spec)
+            _VERIFIED.add(key)
+            spec = _read_spec(inner)  # the forward may have re-gathered (FSDP) the head's parameters
+    return spec
+
+
+def _read_spec(inner: nn.Module) -> LMHeadSpec:
     head = inner.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise TypeError(f"model: {type(inner).__name__}.get_output_embeddings() has no weight tensor")
@@ -91,19 +160,90 @@ def lm_head_spec(model: nn.Module) -> LMHeadSpec:
             "the model's forward (final_hidden_states), which unshards it: FSDP2 keeps the root module's "
             "parameters unsharded until the backward, and reduce-scatters their gradients"
         )
-    config = getattr(inner, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):  # multimodal configs keep the language model's settings in a sub-config
-        config = get_text()
+    config = _config(inner)
     softcap = getattr(config, "final_logit_softcapping", None)
-    logit_scale = getattr(config, "logit_scale", None)
     bias = getattr(head, "bias", None)
     return LMHeadSpec(
         head.weight,
         bias if isinstance(bias, Tensor) else None,
         None if softcap is None else float(softcap),
-        1.0 if logit_scale is None else float(logit_scale),
+        _logit_scale(config, type(inner).__name__),
     )
+
+
+def _fingerprint(inner: nn.Module) -> tuple:
+    """``(model class, head class, the config's fields)``: the key of a model already checked."""
+    config = getattr(inner, "config", None)
+    # repr of the fields (about 30 us for a Llama config; to_json_string takes 200 us): a config
+    # changed in place is a new key
+    fields = repr(sorted(vars(config).items())) if hasattr(config, "__dict__") else repr(config)
+    return type(inner), type(inner.get_output_embeddings()), fields
+
+
+# Largest max|spec logits - model logits| / max|model logits| accepted: rounding of the model's own
+# logits (bf16/fp16 products, TF32 matmuls in fp32) against the spec's fp32 (fp64) recomputation.
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
+_HALF_TOLERANCE = 4e-2
+
+
+def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, positions: int = 4) -> None:
+    r"""Raise ``ValueError`` unless ``spec`` reproduces ``model(...).logits`` on ``positions`` tokens.
+
+    Runs ``model(ids, output_hidden_states=True, use_cache=False)`` on one sequence of
+    ``positions`` fixed token ids (no random numbers drawn), in eval mode and under
+    ``torch.no_grad()`` (every module's train/eval flag is restored after), and compares
+    :math:`c \tanh(a (h W^\top + b) / c)`, from ``spec`` and ``hidden_states[-1]``, with the
+    logits: :math:`\max |z_{spec} - z| \le \epsilon \max |z|`, ``eps = 1e-6`` in fp64,
+    ``2e-3`` in fp32 (TF32 products), ``4e-2`` for bf16/fp16 or under autocast. A mismatch means
+    the forward transforms the logits in a way the spec does not know, or ``hidden_states[-1]``
+    is not what its head reads. ``lm_head_spec`` calls it once per (model class, head class, config).
+    """
+    inner = unwrap_model(model)
+    spec = _read_spec(inner) if spec is None else spec
+    name = f"{type(inner).__name__}(lm_head={type(inner.get_output_embeddings()).__name__})"
+    embeddings = getattr(inner, "get_input_embeddings", lambda: None)()
+    device = getattr(embeddings, "weight", spec.weight).device
+    V = spec.weight.shape[0]
+    ids = torch.linspace(1, V - 1, positions, device=device).long()[None]
+    modes = [(m, m.training) for m in inner.modules()]
+    try:
+        inner.eval()
+        with torch.no_grad():
+            try:
+                out = inner(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
+                )
+            except TypeError as e:
+                raise TypeError(
+                    f"model: {name} cannot be called as model(input_ids=..., attention_mask=..., "
+                    f"output_hidden_states=True, use_cache=False) to check lm_head_spec against its logits ({e}); "
+                    "pass verify=False"
+                ) from e
+            spec = _read_spec(inner)  # FSDP: the head as this forward gathered it
+            hidden = getattr(out, "hidden_states", None)
+            if not hidden:
+                raise TypeError(f"model: {name} returned no hidden_states")
+            want = out.logits.double()
+            h = hidden[-1].to(want.dtype)
+            z = nn.functional.linear(h, spec.weight.to(h.dtype), None if spec.bias is None else spec.bias.to(h.dtype))
+            transform = LogitTransform.make(spec.softcap, spec.logit_scale, 1.0)
+            got = z if transform is None else transform.reference(z)
+    finally:
+        for m, training in modes:
+            m.training = training
+    dtypes = {out.logits.dtype, hidden[-1].dtype, spec.weight.dtype}
+    half = bool(dtypes & {torch.bfloat16, torch.float16}) or torch.is_autocast_enabled(device.type)
+    eps = _HALF_TOLERANCE if half else max(_TOLERANCE.get(d, _HALF_TOLERANCE) for d in dtypes)
+    err, scale = float((got - want).abs().max()), float(want.abs().max())
+    if not err <= eps * scale:
+        raise ValueError(
+            f"model: {name}'s own logits differ from lm_head_spec's (softcap={spec.softcap}, "
+            f"logit_scale={spec.logit_scale:.6g}): max |difference| {err:.3g} against max |logit| {scale:.3g} "
+            f"on {positions} positions. Its forward transforms the logits in a way rcpo_losses does not know "
+            "(or hidden_states[-1] is not what its head reads). Take the log-probs from model(...).logits "
+            "(response_token_stats), or pass the right softcap / logit_scale to the fused functions yourself "
+            "and call lm_head_spec(model, verify=False)"
+        )
 
 
 def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

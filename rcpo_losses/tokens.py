@@ -137,11 +137,12 @@ def token_logps_and_entropy(
     if process_group is not None:
         from . import vocab_parallel as vp
 
-        offset, total = vp.vocab_offset(V, process_group, z.device)
+        offset, total = vp.vocab_offset(V, process_group, z.device, t.shape[0])
         check_target_ids(t, total, ignore_index, validate)
-        local, owned = vp.local_targets(t, offset, V, ignore_index)
-        stats = token_stats_any(z, local, ignore_index, chunk_rows(chunk_size, V), transform, backend)
-        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group)
+        dead = z.detach().amax(-1) == -torch.inf  # a masked slice: no mass (its own softmax is NaN)
+        local, owned = vp.local_targets(t, offset, V, ignore_index, dead)
+        stats = token_stats_any(z, local, vp.LOCAL_IGNORE, chunk_rows(chunk_size, V), transform, backend)
+        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group, dead)
         return logp.reshape(shape), ent.reshape(shape)
     logp, ent, _ = token_stats_any(z, t, ignore_index, chunk_rows(chunk_size, V), transform, backend)
     return logp.reshape(shape), ent.reshape(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -110,6 +111,18 @@ def test_ranking_rows():
     assert row_ranks({**row, "ranking": [3, 2, 1, 0]}) == [3, 2, 1, 0]
 
 
+def test_numpy_feedback_is_read_like_lists():
+    scores = np.array([0.5, 2.0, -1.0, 1.0])
+    ranking = np.argsort(-scores)  # numpy int64 indices, best first
+    want = row_ranks({"completions": list("abcd"), "scores": scores.tolist()})
+    assert row_ranks({"completions": list("abcd"), "ranking": ranking}) == want
+    assert row_ranks({"completions": list("abcd"), "ranking": list(ranking[:2].astype(np.int32))}, k=2) == [
+        UNRANKED, 0, UNRANKED, 1,
+    ]  # fmt: skip
+    assert row_ranks({"completions": list("abcd"), "scores": scores}) == want
+    assert row_ranks({"completions": list("abcd"), "scores": list(scores.astype(np.float32))}) == want
+
+
 @pytest.mark.parametrize(
     ("row", "match"),
     [
@@ -123,6 +136,15 @@ def test_ranking_rows():
         ({"completions": ["a", "b"], "ranking": []}, "distinct completion indices"),
         ({"completions": ["a", "b"], "ranking": [-1]}, "distinct completion indices"),
         ({"completions": ["a", "b"], "ranking": [0.0]}, "distinct completion indices"),
+        ({"completions": ["a", "b"], "ranking": [np.float64(0.0)]}, "distinct completion indices"),
+        ({"completions": ["a", "b"], "ranking": [np.bool_(True)]}, "distinct completion indices"),
+        ({"completions": ["a", "b", "c"], "scores": [1, None, 0]}, r"'scores'\[1\] = None is not a number"),
+        ({"completions": ["a", "b"], "scores": [1, "high"]}, r"'scores'\[1\] = 'high' is not a number"),
+        ({"completions": ["a", "b"], "scores": 1.0}, "'scores' must be a list of numbers, got float"),
+        ({"completions": ["a", "b"], "scores": np.float64(1.0)}, "'scores' must be a list of numbers, got float64"),
+        ({"completions": ["a", "b"], "scores": "12"}, "'scores' must be a list of numbers, got str"),
+        ({"completions": ["a", "b"], "ranking": 1}, "'ranking' must be a list of completion indices, got int"),
+        ({"completions": ["a", "b"], "ranking": np.int64(1)}, "'ranking' must be a list of completion indices"),
         ({"completions": ["a", "b"]}, "exactly one of 'scores' and 'ranking'"),
         ({"completions": ["a", "b"], "scores": [1, 2], "ranking": [0]}, "exactly one of"),
     ],

@@ -133,3 +133,149 @@ def test_wrapped_model_runs_through_the_wrappers_forward():
 def test_not_a_causal_lm():
     with pytest.raises(TypeError, match="model"):
         lm_head_spec(torch.nn.Linear(3, 4))
+
+
+# ---------------------------------------------------------------- head transforms read from other config fields
+
+
+def _family(family: str):
+    """Tiny models whose forward scales the logits by a config field (transformers 5.x source, read in the test's
+    issue): Granite and GraniteMoe divide by ``logits_scaling``, Falcon-H1 multiplies by ``lm_head_multiplier``,
+    MPT's config carries a ``logit_scale`` that its forward never applies; HyperCLOVA X multiplies by its
+    ``logits_scaling``."""
+    torch.manual_seed(0)
+    names = {"granite": "Granite", "granitemoe": "GraniteMoe", "falcon_h1": "FalconH1", "mpt": "Mpt"}
+    names["hyperclovax"] = "HyperCLOVAX"
+    config_cls = getattr(transformers, f"{names[family]}Config", None)
+    if config_cls is None:
+        pytest.skip(f"the installed transformers {transformers.__version__} has no {names[family]} models")
+    model_cls = getattr(transformers, f"{names[family]}ForCausalLM")
+    if family == "granite":
+        config = config_cls(**COMMON, logits_scaling=8.0)
+    elif family == "granitemoe":
+        config = config_cls(**COMMON, logits_scaling=6.0, num_local_experts=2, num_experts_per_tok=1)
+        config._experts_implementation = "eager"  # fp64: the grouped matmul takes no doubles
+    elif family == "hyperclovax":
+        config = config_cls(**COMMON, logits_scaling=4.0)
+    elif family == "falcon_h1":
+        config = config_cls(
+            **COMMON, lm_head_multiplier=4.0, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16,
+            mamba_d_state=8, mamba_chunk_size=4,
+        )  # fmt: skip
+    else:
+        config = config_cls(vocab_size=211, d_model=32, n_heads=2, n_layers=2, expansion_ratio=2, max_seq_len=16)
+    return model_cls, config
+
+
+SCALED = {"granite": 1 / 8.0, "granitemoe": 1 / 6.0, "falcon_h1": 4.0, "hyperclovax": 4.0}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", [*SCALED, "mpt", "mpt-string"])
+def test_head_scales_of_granite_falcon_h1_and_mpt(family):
+    model_cls, config = _family(family.split("-")[0])
+    if family == "mpt":
+        config.logit_scale = 0.5  # MPT's forward never applies it
+    elif family == "mpt-string":
+        config.logit_scale = "inv_sqrt_d_model"  # nor this one, which float() cannot read
+    model = model_cls(config).double()
+    with torch.no_grad():  # logits of tens, so that a missed scale is nats off
+        head = model.get_output_embeddings().weight
+        head.mul_(60.0 / float((final_hidden_states(model, torch.arange(8)[None]) @ head.T).abs().max()))
+    spec = lm_head_spec(model)
+    assert spec.logit_scale == pytest.approx(SCALED.get(family, 1.0), rel=1e-15) and spec.softcap is None
+    want, want_grads = _stats_and_grads(model, fused=False)
+    got, got_grads = _stats_and_grads(model, fused=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-12)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, atol=1e-9 * (1 + float(g.abs().max())), rtol=1e-9, msg=name)
+    if family in SCALED:  # the scale matters: without it the log-probs are nats off
+        ids, attention, mask = _batch()
+        with torch.no_grad():
+            raw = fused_linear_response_stats(final_hidden_states(model, ids, attention), head, ids, mask,
+                                              shift_labels=True)  # fmt: skip
+        assert (raw.logps - want.logps.reshape(-1)).abs().max() > 1.0
+
+
+# ---------------------------------------------------------------- the first-seen check against model(...).logits
+
+
+class _TripledHead(torch.nn.Module):
+    """A custom head whose transform (x 3) no config field tells."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.weight = head.weight
+
+    def forward(self, x):
+        return 3.0 * torch.nn.functional.linear(x, self.weight)
+
+
+class _Counting(torch.nn.Module):
+    """Counts the forwards of the model inside it (and passes get_output_embeddings / config through)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self.forwards = 0
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return self.inner(*args, **kwargs)
+
+
+def _custom_head_model():
+    model = _model("llama")
+    model.lm_head = _TripledHead(model.lm_head)
+    return model
+
+
+def test_a_head_transform_the_spec_cannot_know_raises_naming_the_model():
+    model = _custom_head_model()
+    with pytest.raises(ValueError, match=r"model: LlamaForCausalLM\(lm_head=_TripledHead\).*logits"):
+        lm_head_spec(model)
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):  # a failure is not cached as seen
+        lm_head_spec(model)
+    assert lm_head_spec(model, verify=False).weight is model.lm_head.weight  # documented way out
+
+
+def test_the_module_switch_turns_the_check_off(monkeypatch):
+    import rcpo_losses.lm_head as lm_head
+
+    monkeypatch.setattr(lm_head, "VERIFY", False)
+    assert lm_head_spec(_custom_head_model()).logit_scale == 1.0
+    monkeypatch.setattr(lm_head, "VERIFY", True)
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        lm_head_spec(_custom_head_model())
+
+
+def test_the_check_runs_once_per_class_and_config_and_leaves_the_model_as_it_was(monkeypatch):
+    import rcpo_losses.lm_head as lm_head
+
+    monkeypatch.setattr(lm_head, "_VERIFIED", set())
+    model = _Counting(_model("gemma2"))
+    model.train()
+    model.inner.model.layers[0].eval()  # a mixed train/eval state, restored as it was
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    lm_head_spec(model)
+    assert model.forwards == 1
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+    lm_head_spec(model)
+    lm_head_spec(_Counting(_model("gemma2")))  # same class, same config: already seen
+    assert model.forwards == 1
+    other = _Counting(_model("gemma2"))
+    other.config.final_logit_softcapping = 20.0  # a different config is checked again
+    lm_head_spec(other)
+    assert other.forwards == 1
+    ids, attention, _ = _batch()
+    hidden = final_hidden_states(model, ids, attention)  # grads and a backward are not disturbed
+    z = torch.nn.functional.linear(hidden, lm_head_spec(model).weight)
+    z.sum().backward()
+    assert model.inner.lm_head.weight.grad is not None

@@ -194,6 +194,25 @@ def test_fused_linear_applies_gemma2_softcap(tokenizer, tmp_path):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_fused_linear_applies_granites_logits_scaling(tokenizer, tmp_path):
+    """Granite divides its logits by config.logits_scaling: the fused trainer gives the same loss as the logits."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    values = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        config = GraniteConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, logits_scaling=8.0,
+        )  # fmt: skip
+        model = GraniteForCausalLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)  # logits of tens: the scaling moves the log-probs by nats
+        trainer = perturbed(make_trainer(tokenizer, tmp_path, loss="mnl_topk", fused_linear=fused, model=model))
+        values.append(trainer.compute_loss(trainer.model, trainer.data_collator(ROWS)).detach())
+    torch.testing.assert_close(values[1], values[0], rtol=1e-5, atol=1e-6)
+
+
 def test_trl_style_config_fields_are_read(tokenizer, tmp_path):
     @dataclasses.dataclass
     class DPOLikeConfig(TrainingArguments):  # TRL's DPOConfig carries these fields
@@ -253,3 +272,51 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tokenizer, tmp_path):
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(straight.lm_head.weight, tiny_llama(vocab_size=len(tokenizer), seed=0).lm_head.weight)
+
+
+@pytest.mark.parametrize("loss", ["dpo_all_pairs", "mnl_topk"])
+def test_one_update_does_not_depend_on_the_micro_batch_split(tokenizer, tmp_path, loss):
+    """4 rows implying 3, 1, 6 and 3 pairs: batch 4, batch 2 x 2 and batch 1 x 4 accumulated make one update."""
+    rows = [*ROWS, ROWS[0]]
+
+    def update(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = TrainingArguments(
+            str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size, learning_rate=1.0,
+            gradient_accumulation_steps=accumulation, optim="sgd", lr_scheduler_type="constant",
+            report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        )  # fmt: skip
+        trainer = RCPOTrainer(model, args=args, train_dataset=rows, processing_class=tokenizer, loss=loss, beta=0.5)
+        trainer.train()
+        return {n: p.detach() - start[n] for n, p in model.named_parameters()}
+
+    whole = update(4, 1)
+    assert max(float(d.abs().max()) for d in whole.values()) > 1e-4
+    for batch_size, accumulation in ((2, 2), (1, 4)):
+        split = update(batch_size, accumulation)
+        for name, d in whole.items():
+            torch.testing.assert_close(split[name], d, rtol=1e-4, atol=1e-7, msg=f"{batch_size}x{accumulation} {name}")
+
+
+def test_each_evaluation_reports_its_own_rows_under_its_own_prefix(tokenizer, tmp_path):
+    def ours(metrics, prefix):
+        return {name: metrics[f"{prefix}_{name}"] for name in METRICS}
+
+    def leaked(metrics, prefix):
+        return [k for k in metrics if "/" in k and not k.startswith(f"{prefix}_")]
+
+    trainer = perturbed(make_trainer(tokenizer, tmp_path))
+    a, b = ROWS[:2], ROWS[2:]
+    alone = trainer.evaluate(a)
+    predicted = trainer.predict(b).metrics  # under predict's prefix, and nothing left for the next evaluate()
+    assert ours(trainer.evaluate(a), "eval") == ours(alone, "eval")
+    assert not leaked(predicted, "test"), predicted
+    other = trainer.evaluate(b, metric_key_prefix="test")
+    assert not leaked(other, "test"), other
+    assert ours(other, "test") == ours(predicted, "test") != ours(alone, "eval")
+    both = trainer.evaluate({"a": a, "b": b})  # a dict of eval datasets: each under its own name
+    assert ours(both, "eval_a") == ours(alone, "eval") and ours(both, "eval_b") == ours(other, "test")
+    assert not [k for k in both if "/" in k and not k.startswith(("eval_a_", "eval_b_"))], both
+    logged = [h for h in trainer.state.log_history if "eval_b_loss" in h][-1]
+    assert ours(logged, "eval_b") == ours(other, "test") and not leaked(logged, "eval_b"), logged

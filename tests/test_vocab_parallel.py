@@ -72,12 +72,68 @@ def _check_all(rank: int, world: int, backends: list[str]) -> None:
         token_logps_and_entropy(z[:, :2], torch.full((N,), V * world), process_group=group)
 
 
+def _check_corner_cases(rank: int, world: int, backends: list[str]) -> None:
+    """A non-negative ignore_index, vocabulary slices that are all -inf, different token counts on the ranks."""
+    group = dist.group.WORLD
+    z, h, W, b, t, g_logp, g_ent = _inputs()
+    bounds = [0, *torch.tensor([x.shape[0] for x in torch.arange(V).tensor_split(world)]).cumsum(0).tolist()]
+    part = lambda x: x.tensor_split(world, dim=0)[rank]  # noqa: E731
+    # ignore_index=0: targets at every slice's first id (offset + 0) and at 0 itself are kept or ignored as unsharded
+    t0 = t.clone()
+    t0[7 : 7 + world] = torch.tensor(bounds[:world])
+    t0[3] = 0
+    t0[1] = 1
+    # rows 1 and 6: one rank's whole slice -inf (row 6: the target is on another rank); the row keeps a finite lse
+    zm = z.clone()
+    zm[1, bounds[-2] :] = -float("inf")
+    zm[6, : bounds[1]] = -float("inf")
+    t0[6] = bounds[1]
+    bm = b.clone()
+    bm[bounds[-2] :] = -float("inf")  # the fused head: the last rank's slice masked by its bias, on every row
+    tf = torch.where(t0 >= bounds[-2], 1, t0)  # a target in the masked slice would have log-prob -inf
+    for backend in backends:
+        for ignore_index, logits in ((0, z), (5, z), (-100, zm), (0, zm)):
+            full = logits.clone().requires_grad_()
+            want = token_logps_and_entropy(full, t0, ignore_index, backend=backend)
+            (want_grad,) = torch.autograd.grad(want, full, (g_logp, g_ent))
+            assert torch.isfinite(want[0]).all() and torch.isfinite(want_grad).all()
+            mine = logits.T.tensor_split(world, dim=0)[rank].T.clone().requires_grad_()
+            got = token_logps_and_entropy(mine, t0, ignore_index, backend=backend, process_group=group, chunk_size=4)
+            (grad,) = torch.autograd.grad(got, mine, (g_logp, g_ent))
+            what = f"token {backend} ignore_index={ignore_index} masked={logits is zm}"
+            _close(got[0], want[0], f"{what} logp")
+            _close(got[1], want[1], f"{what} entropy")
+            _close(grad, want_grad.T.tensor_split(world, dim=0)[rank].T, f"{what} grad")
+        for ignore_index, bias in ((0, b), (-100, bm)):
+            targets = t0 if bias is b else tf
+            leaves = [x.clone().requires_grad_() for x in (h, W, bias)]
+            want = fused_linear_token_stats(leaves[0], leaves[1], targets, leaves[2], ignore_index, backend=backend)
+            want_grads = torch.autograd.grad(want, leaves, (g_logp, g_ent))
+            mine = [h.clone().requires_grad_(), part(W).clone().requires_grad_(), part(bias).clone().requires_grad_()]
+            got = fused_linear_token_stats(
+                mine[0], mine[1], targets, mine[2], ignore_index, backend=backend, process_group=group, chunk_size=4
+            )
+            grads = torch.autograd.grad(got, mine, (g_logp, g_ent))
+            what = f"fused {backend} ignore_index={ignore_index} masked={bias is bm}"
+            _close(got[0], want[0], f"{what} logp")
+            _close(got[1], want[1], f"{what} entropy")
+            for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads, strict=True):
+                _close(g, w if name == "hidden" else part(w), f"{what} grad {name}")
+    # different token counts on the ranks: a ValueError on every rank, not an abort or a hang
+    n = N - 1 if rank == world - 1 else N
+    with pytest.raises(ValueError, match=r"targets: the ranks of process_group hold .* rows"):
+        token_logps_and_entropy(z[:n, :2], t[:n], process_group=group)
+    with pytest.raises(ValueError, match=r"targets: the ranks of process_group hold .* rows"):
+        fused_linear_token_stats(h[:n], part(W), t[:n], process_group=group)
+
+
 def worker(rank: int, world: int, store: str, out_dir: str, backends: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         try:
             _check_all(rank, world, backends)
+            _check_corner_cases(rank, world, backends)
             result = "ok"
         except BaseException:  # reported by the parent, which asserts on the files
             result = traceback.format_exc()

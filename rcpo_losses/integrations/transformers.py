@@ -25,6 +25,7 @@ from .. import nn as rcpo_nn
 from ..data import REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
 from ..metrics import ranking_metrics
+from ..mnl import mnl_topk
 from ..precompute import has_reference_stats, padded_response_stats, precompute_reference_stats, with_reference_columns
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats
@@ -119,8 +120,9 @@ class RCPOTrainer(Trainer):
         k: longest top-k list kept from each row (``None``: all that the feedback orders).
         fused_linear: compute log-probs and entropies from the final hidden states and the
             LM head (:func:`~rcpo_losses.fused_linear_response_stats`), with the model's logit
-            transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping): the
-            ``[N, L, V]`` logits are never formed.
+            transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping, Granite's
+            and Falcon-H1's logit scales; checked against ``model(...).logits`` the first time a
+            model is seen): the ``[N, L, V]`` logits are never formed.
         max_length, max_prompt_length, ties: passed to the collator.
         precompute_ref: run the reference once over ``train_dataset`` and ``eval_dataset``
             before training (:func:`~rcpo_losses.precompute_reference_stats`, batches of
@@ -131,10 +133,15 @@ class RCPOTrainer(Trainer):
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
     (reward of the pick minus the mean of the others) and ``dispersion/neg_log_phi``,
-    averaged over the steps since the last log; evaluation logs the same with ``eval_``.
+    averaged over the steps since the last log; ``evaluate()`` reports the same over its own
+    rows, under its ``metric_key_prefix`` (``eval_``, ``eval_<name>_`` for a dict of datasets,
+    ``test_`` in ``predict()``'s metrics).
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+    # compute_loss returns a per-batch mean (listwise and pairwise losses: rows weighted alike
+    # within each micro-batch), or for dpo_all_pairs a sum over pairs / num_items_in_batch, which
+    # is scaled for gradient accumulation already (set per instance in __init__).
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -170,6 +177,7 @@ class RCPOTrainer(Trainer):
                 processing_class, max_length=max_length, max_prompt_length=max_prompt_length, k=k, ties=ties
             )
         self.loss_name = loss
+        self.loss_is_scaled_for_ga = loss == "dpo_all_pairs"
         self.beta = beta
         self.fused_linear = fused_linear
         module = LISTWISE.get(loss) or PAIRWISE.get(loss) or rcpo_nn.MNLTopKLoss  # dpo_all_pairs: MNL on pairs
@@ -293,8 +301,7 @@ class RCPOTrainer(Trainer):
             extra = {"neg_log_phi": neg_log_phi} if self.loss_name.startswith("mallows") else {}
             loss = self.loss_fn(*pick[0], *pick[1], **extra)
         elif self.loss_name == "dpo_all_pairs":
-            pairs = all_pairs(ranks)
-            loss = self.loss_fn(policy.logps[pairs.row], ref.logps[pairs.row], pairs.ranks)
+            loss = self._all_pairs_loss(policy.logps, ref.logps, ranks, num_items_in_batch)
         else:
             if self.loss_name.endswith("discrete"):
                 loss_ranks = torch.where(ranks > 0, UNRANKED, ranks)  # the list's first pick
@@ -303,6 +310,35 @@ class RCPOTrainer(Trainer):
         rewards = self.beta * (policy.logps.detach() - ref.logps)
         self._store_metrics(rewards, ranks, neg_log_phi)
         return (loss, {"rewards": rewards}) if return_outputs else loss
+
+    def _all_pairs_loss(self, policy_logps: Tensor, ref_logps: Tensor, ranks: Tensor, num_items_in_batch) -> Tensor:
+        """DPO on every implied pair, each pair weighted alike over the whole accumulated batch.
+
+        ``num_items_in_batch`` (training: the pairs of every micro-batch of the step, on every
+        rank, over the number of ranks, from :meth:`_get_num_items_in_batch`) divides the sum of
+        this micro-batch's pair losses, so the update does not depend on how the rows are split
+        into micro-batches or ranks; without it (evaluation), the mean over this batch's pairs.
+        """
+        pairs = all_pairs(ranks)
+        if num_items_in_batch is None:
+            return self.loss_fn(policy_logps[pairs.row], ref_logps[pairs.row], pairs.ranks)
+        total = mnl_topk(policy_logps[pairs.row], ref_logps[pairs.row], pairs.ranks, beta=self.beta, reduction="sum")
+        return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1).to(total.dtype)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """``dpo_all_pairs``: the number of pairs in this step's micro-batches (the loss divides by it).
+
+        Averaged over the processes, as DDP averages their gradients, when
+        ``average_tokens_across_devices`` (the default) and there are several; other losses: the
+        ``Trainer``'s own count (None for these batches, which carry no ``labels``).
+        """
+        if self.loss_name != "dpo_all_pairs":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = sum(all_pairs(batch["ranks"]).row.numel() for batch in batch_samples)
+        count = torch.tensor(float(count), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count[None]).sum() / self.args.world_size
+        return count
 
     def _store_metrics(self, rewards: Tensor, ranks: Tensor, neg_log_phi: Tensor) -> None:
         found = ranking_metrics(rewards, ranks)
@@ -321,10 +357,27 @@ class RCPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):  # fmt: skip
+        """The ``Trainer``'s loop (``evaluate()`` and ``predict()``), with the reward metrics of its own rows.
+
+        They go into the loop's metrics under ``metric_key_prefix`` (``eval``, ``test`` for
+        ``predict()``, ``eval_<name>`` for each of a dict of eval datasets), which ``evaluate()`` logs.
+        """
+        self._metrics["eval"].clear()
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            for name, values in self._metrics["eval"].items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = sum(values) / len(values)
+        finally:
+            self._metrics["eval"].clear()
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        if self.model.training:  # evaluation metrics are reported by evaluation_loop
+            for name, values in self._metrics["train"].items():
+                logs[name] = sum(values) / len(values)
+            self._metrics["train"].clear()
         super().log(logs, start_time)
