@@ -175,8 +175,12 @@ def _fingerprint(inner: nn.Module) -> tuple:
     """``(model class, head class, the config's fields)``: the key of a model already checked."""
     config = getattr(inner, "config", None)
     # repr of the fields (about 30 us for a Llama config; to_json_string takes 200 us): a config
-    # changed in place is a new key
-    fields = repr(sorted(vars(config).items())) if hasattr(config, "__dict__") else repr(config)
+    # changed in place is a new key. Special token ids never change the logits, and the Trainer rewrites them at
+    # the first step to match the tokenizer: they are left out.
+    if hasattr(config, "__dict__"):
+        fields = repr(sorted((k, v) for k, v in vars(config).items() if not k.endswith(("_token_id", "_token_ids"))))
+    else:
+        fields = repr(config)
     return type(inner), type(inner.get_output_embeddings()), fields
 
 

@@ -274,6 +274,9 @@ def test_the_check_runs_once_per_class_and_config_and_leaves_the_model_as_it_was
     other.config.final_logit_softcapping = 20.0  # a different config is checked again
     lm_head_spec(other)
     assert other.forwards == 1
+    other.config.pad_token_id, other.config.eos_token_id = 0, 3  # as Trainer aligns them to the tokenizer
+    lm_head_spec(other)
+    assert other.forwards == 1  # special token ids do not change the logits: not checked again
     ids, attention, _ = _batch()
     hidden = final_hidden_states(model, ids, attention)  # grads and a backward are not disturbed
     z = torch.nn.functional.linear(hidden, lm_head_spec(model).weight)

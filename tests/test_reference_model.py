@@ -17,7 +17,7 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 
-from rcpo_losses import IGNORE, UNRANKED, entropy_dispersion, precompute_reference_stats  # noqa: E402
+from rcpo_losses import IGNORE, UNRANKED, entropy_dispersion, lm_head_spec, precompute_reference_stats  # noqa: E402
 from rcpo_losses.data import REF_COLUMNS  # noqa: E402
 from rcpo_losses.integrations.transformers import RCPOTrainer  # noqa: E402
 
@@ -124,6 +124,7 @@ def test_precompute_ref_trains_with_no_reference_model(tokenizer, tmp_path, fuse
     assert held == {id(p) for p in trainer.model.parameters()}  # no reference parameters anywhere in the process
     assert all(set(REF_COLUMNS) <= set(r) for r in trainer.train_dataset)
     assert all(set(REF_COLUMNS) <= set(r) for r in trainer.eval_dataset)
+    lm_head_spec(trainer.model)  # the first-seen check of the head (one small forward) happens here, not in a step
     forwards = []
     trainer.model.register_forward_hook(lambda *_: forwards.append(1))
     trainer.train()
