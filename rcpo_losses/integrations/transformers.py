@@ -14,6 +14,7 @@ Rows as :class:`rcpo_losses.data.RankedPreferenceCollator` reads them. See docs/
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
 
 import torch
@@ -23,11 +24,12 @@ from transformers import Trainer
 from .. import nn as rcpo_nn
 from ..data import RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
-from ..fused_linear import fused_linear_response_stats
-from ..lm_head import final_hidden_states, lm_head_spec
 from ..metrics import ranking_metrics
-from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
-from ..tokens import ResponseTokenStats, response_token_stats
+from ..model_stats import prefix_shared_support, response_stats
+from ..ranks import UNRANKED, all_pairs, in_assortment
+from ..tokens import ResponseTokenStats
+
+logger = logging.getLogger(__name__)
 
 LISTWISE = {
     "mnl_discrete": rcpo_nn.MNLDiscreteLoss,
@@ -109,6 +111,10 @@ class RCPOTrainer(Trainer):
             transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping): the
             ``[N, L, V]`` logits are never formed.
         max_length, max_prompt_length, ties: passed to the collator.
+        layout: the collator's layout: ``"prefix_shared"`` (default: each prompt computed once,
+            no padding, the LM head on completion tokens only) or ``"padded"``. A model that
+            cannot take the prefix-shared mask (:func:`rcpo_losses.model_stats.prefix_shared_support`:
+            e.g. ``flash_attention_2``) falls back to ``"padded"`` with one logged warning.
         **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
@@ -134,6 +140,7 @@ class RCPOTrainer(Trainer):
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         ties: str = "error",
+        layout: str = "prefix_shared",
         data_collator=None,
         **kwargs,
     ):
@@ -148,7 +155,12 @@ class RCPOTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("processing_class: the tokenizer is needed to build the collator")
             data_collator = RankedPreferenceCollator(
-                processing_class, max_length=max_length, max_prompt_length=max_prompt_length, k=k, ties=ties
+                processing_class,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                k=k,
+                ties=ties,
+                layout=self._supported_layout(layout, model, ref_model),
             )
         self.loss_name = loss
         self.beta = beta
@@ -177,36 +189,25 @@ class RCPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ model -> per-response statistics
 
+    @staticmethod
+    def _supported_layout(layout: str, *models) -> str:
+        if layout != "prefix_shared":
+            return layout
+        for m in models:
+            reason = None if m is None else prefix_shared_support(m)
+            if reason is not None:
+                logger.warning("RCPOTrainer: %s; falling back to layout='padded'", reason)
+                return "padded"
+        return layout
+
     def response_stats(self, model, inputs: dict[str, Tensor], *, entropy: bool = True) -> ResponseTokenStats:
-        """Summed completion log-probs, entropy sums and lengths ``[B, S]`` of every response under ``model``.
+        """Summed completion log-probs, entropy sums and lengths ``[B, S]``: :func:`rcpo_losses.response_stats`.
 
-        The ``B x S`` sequences are flattened and the padding slots (``IGNORE``) dropped, so
-        the model runs once on each real completion; the dropped slots get 0. The model is
-        called through its own forward (so DDP's hooks run): for ``fused_linear`` with
-        ``output_hidden_states=True`` and ``logits_to_keep=1`` (no full logits), the final
-        hidden states then go with the LM head and the model's logit transform
-        (``lm_head_spec``) to ``fused_linear_response_stats``.
+        Either layout of the collator; the model runs through its own forward (DDP's hooks
+        run), the LM head (fused with ``fused_linear``) only on the rows that predict a
+        completion token; padding slots (``IGNORE``) get 0.
         """
-        B, S, L = inputs["input_ids"].shape
-        keep = (inputs["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
-        attention = inputs["attention_mask"].reshape(B * S, L)[keep]
-        T = int(attention.bool().any(0).nonzero().max()) + 1  # drop the padding columns no kept sequence uses
-        ids = inputs["input_ids"].reshape(B * S, L)[keep, :T]
-        attention, mask = attention[:, :T], inputs["completion_mask"].reshape(B * S, L)[keep, :T]
-        if self.fused_linear:
-            hidden = final_hidden_states(model, ids, attention)
-            spec = lm_head_spec(self.accelerator.unwrap_model(model))  # Gemma-2's softcap, a logit scale
-            stats = fused_linear_response_stats(
-                hidden, labels=ids, mask=mask, shift_labels=True, entropy=entropy, **spec.as_kwargs()
-            )
-        else:
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            stats = response_token_stats(logits, ids, mask, shift_labels=True)
-
-        def scatter(x: Tensor) -> Tensor:
-            return torch.zeros(B * S, dtype=x.dtype, device=x.device).index_copy(0, keep, x).reshape(B, S)
-
-        return ResponseTokenStats(*(scatter(x) for x in stats))
+        return response_stats(model, inputs, fused_linear=self.fused_linear, entropy=entropy)
 
     # ------------------------------------------------------------------ loss and metrics
 
