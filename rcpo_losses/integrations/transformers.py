@@ -26,7 +26,7 @@ from ..data import RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
 from ..metrics import ranking_metrics
 from ..model_stats import prefix_shared_support, response_stats
-from ..ranks import UNRANKED, all_pairs, in_assortment
+from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats
 
 logger = logging.getLogger(__name__)
