@@ -168,7 +168,8 @@ def flex_block_mask(batch, *, sliding_window: int | None = None, block_size: int
     ids = batch["input_ids"]
     rule = prefix_shared_mask_mod(batch["row_index"], batch["response_index"], batch["position_ids"], sliding_window)
     P = ids.shape[-1]
-    return create_block_mask(rule, 1, None, P, P, device=ids.device, BLOCK_SIZE=block_size)
+    # compiled on CUDA: uncompiled, it evaluates the rule on all P^2 pairs at once (GBs at P = 30k)
+    return create_block_mask(rule, 1, None, P, P, device=ids.device, BLOCK_SIZE=block_size, _compile=ids.is_cuda)
 
 
 def attended_pairs(batch) -> int:
