@@ -8,6 +8,7 @@ unfused LM head; rows of different S, k and lengths, a one-token completion.
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -288,3 +289,25 @@ def test_fp64_norms_is_the_models_formula(family):
         got = response_stats(model, batch).logps
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(got, want)  # the patch did take effect
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="FlexAttention on the CPU compiles C++ (inductor)")
+def test_flex_attention_forward_on_cpu_equals_padded():
+    """The CUDA path, a BlockMask into FlexAttention, run forward on the CPU (FlexAttention's CPU backward is missing).
+
+    Mistral: its sliding window in the one BlockMask. (One model: each compiles FlexAttention, tens of seconds.)
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows = random_rows(0) + random_rows(1) + random_rows(2)  # P > 128: several blocks, some skipped
+    padded = RankedPreferenceCollator(IntTokenizer())(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows)
+    model = tiny_model("mistral")
+    with torch.no_grad():
+        want = response_stats(model, padded)
+        model.set_attn_implementation("flex_attention")
+        mask = prefix_shared_attention_mask(model, packed)
+        assert isinstance(mask, BlockMask) and mask.sparsity() > 0
+        got = response_stats(model, packed)
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.entropy_sums, want.entropy_sums, rtol=1e-4, atol=1e-4)
