@@ -10,7 +10,9 @@
 # token stats, fused linear) and the headline benchmark rows only:
 #   - choice losses (MNL, Mallows-RMJ), torch and triton, fwd+bwd at B=4096 and B=262144, S=8;
 #   - token stats, bf16 [16384, 128256], chunked and triton, fwd and fwd+bwd;
-#   - fused linear, N=4096, H=4096, V=128256, unfused and fused, fwd and fwd+bwd.
+#   - fused linear, N=4096, H=4096, V=128256, unfused and fused, fwd and fwd+bwd;
+#   - one RCPO training step (bench_ranked_step: tiny Llama, 16 prompts x 5 completions, bf16),
+#     padded (sdpa) vs prefix-shared (flex_attention with a BlockMask), and the DPO pair step.
 #
 # OUT_DIR gets: env.txt, tests.txt, bench_<name>.{txt,json} per benchmark file, report.md.
 # Exit status: 0 when the tests and every benchmark file passed, 1 otherwise, 2 without CUDA.
@@ -42,11 +44,13 @@ declare -A QUICK_ROWS=(
     [bench_choice]='copy_baseline|\[[a-z_]+-(torch|triton)-(4096|262144)-8\]'
     [bench_tokens]='\[(fwd|fwd_bwd)-(chunked|triton)-16384x128256\]'
     [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused)-4096x4096x128256-bfloat16\]'
+    [bench_ranked_step]='test_ranked_step\[(ranked|dpo_pair)-(padded_all_rows|prefix_shared)\]'
 )
 
 status=0
 if [ "$QUICK" -eq 1 ]; then
-    tests=(tests/test_kernels_choice.py tests/test_tokens.py tests/test_logit_transform.py tests/test_fused_linear.py)
+    tests=(tests/test_kernels_choice.py tests/test_tokens.py tests/test_logit_transform.py tests/test_fused_linear.py
+        tests/test_prefix_shared.py)
 else
     tests=(tests)
 fi

@@ -16,6 +16,7 @@ from .mallows import (
 )
 from .metrics import ranking_metrics
 from .mnl import mnl_discrete, mnl_log_likelihood, mnl_pairwise, mnl_topk, mnl_topk_from_rewards
+from .model_stats import response_stats
 from .precompute import precompute_reference_stats
 from .ranks import IGNORE, UNRANKED, all_pairs, ranks_from_order, ranks_from_scores, top_bottom_pair
 from .rewards import implicit_rewards
@@ -57,6 +58,7 @@ __all__ = [
     "ranking_metrics",
     "ranks_from_order",
     "ranks_from_scores",
+    "response_stats",
     "response_token_stats",
     "sequence_logps",
     "token_logps_and_entropy",

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .packing import pack_prefix_shared
 from .ranks import IGNORE, UNRANKED
 
 TIES = ("error", "prefix")
+LAYOUTS = ("padded", "prefix_shared")
 # Reference statistics stored with the rows (rcpo_losses.precompute): one value per completion.
 REF_COLUMNS = ("ref_logps", "ref_entropy_sums", "ref_lengths")
 
@@ -160,6 +162,10 @@ class RankedPreferenceCollator:
             tokens (the end, next to the completion), as TRL does; only when asked.
         k: longest top-k list kept (``None``: all that the feedback orders).
         ties: what to do about tied scores, see :func:`row_ranks` (``"error"`` or ``"prefix"``).
+        layout: ``"padded"`` (default): the ``[B, S, L]`` tensors below. ``"prefix_shared"``:
+            all rows packed into one sequence, each prompt once followed by its completions,
+            no padding (:func:`rcpo_losses.packing.pack_prefix_shared`): ``ranks`` and the keys
+            listed there; :func:`rcpo_losses.response_stats` reads either layout.
 
     Rows: ``{"prompt", "completions", "scores" | "ranking"}``. A plain-text prompt is
     tokenized with the tokenizer's special tokens (BOS), each completion without them,
@@ -190,6 +196,7 @@ class RankedPreferenceCollator:
         max_prompt_length: int | None = None,
         k: int | None = None,
         ties: str = "error",
+        layout: str = "padded",
     ):
         for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length), ("k", k)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -198,6 +205,9 @@ class RankedPreferenceCollator:
             raise ValueError(f"max_length: must leave room for a prompt and a completion token, got {max_length}")
         if ties not in TIES:
             raise ValueError(f"ties: expected one of {TIES}, got {ties!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -207,7 +217,8 @@ class RankedPreferenceCollator:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(tokenizer={type(self.tokenizer).__name__}, max_length={self.max_length}, "
-            f"max_prompt_length={self.max_prompt_length}, k={self.k}, ties={self.ties!r})"
+            f"max_prompt_length={self.max_prompt_length}, k={self.k}, ties={self.ties!r}, "
+            f"layout={self.layout!r})"
         )
 
     def _ids(self, text: str, special: bool) -> list[int]:
@@ -267,6 +278,8 @@ class RankedPreferenceCollator:
                 raise ValueError(f"row {b}: completion {j} is empty after tokenization")
             sequences.append((prompt, completions))
         B, S = len(rows), max(len(r) for r in ranks)
+        if self.layout == "prefix_shared":
+            return self._prefix_shared(rows, sequences, ranks, S)
         L = max(len(p) + len(c) for p, cs in sequences for c in cs)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
@@ -289,6 +302,20 @@ class RankedPreferenceCollator:
             "ranks": out_ranks,
             **reference_columns(rows, [[len(c) for c in cs] for _, cs in sequences], S),
         }
+
+    def _prefix_shared(
+        self, rows: Sequence[Mapping[str, Any]], sequences: list, ranks: list[list[int]], S: int
+    ) -> dict[str, Tensor]:
+        out_ranks = torch.full((len(ranks), S), IGNORE, dtype=torch.int64)
+        for b, r in enumerate(ranks):
+            out_ranks[b, : len(r)] = torch.tensor(r)
+        prompts, completions = zip(*sequences, strict=True)
+        refs = reference_columns(rows, [[len(c) for c in cs] for cs in completions], S)
+        return {
+            "ranks": out_ranks,
+            **pack_prefix_shared(prompts, completions, S),
+            **refs,
+        }  # ranks first: the batch size
 
 
 def reference_columns(rows: Sequence[Mapping[str, Any]], lengths: list[list[int]], S: int) -> dict[str, Tensor]:

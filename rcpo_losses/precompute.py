@@ -20,59 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .data import REF_COLUMNS
-from .fused_linear import fused_linear_response_stats
-from .lm_head import final_hidden_states, lm_head_spec
-from .ranks import IGNORE
-from .tokens import ResponseTokenStats, response_token_stats
+from .model_stats import response_stats
+from .tokens import ResponseTokenStats
 
 __all__ = [
     "REF_COLUMNS",
     "has_reference_stats",
-    "padded_response_stats",
     "precompute_reference_stats",
     "with_reference_columns",
 ]
-
-
-def padded_response_stats(
-    model: nn.Module, batch: Mapping[str, Tensor], *, fused_linear: bool = False, entropy: bool = True
-) -> ResponseTokenStats:
-    """Summed completion log-probs, entropy sums and lengths ``[B, S]`` of every response of a padded batch.
-
-    The batch is the collator's ``[B, S, L]`` layout. The ``B x S`` sequences are flattened and
-    the padding slots (``ranks == IGNORE``) dropped, so the model runs once on each real
-    completion; the dropped slots get 0. The model is called through its own forward (so
-    DDP's hooks run and FSDP gathers its parameters): with ``fused_linear``, with
-    ``output_hidden_states=True, logits_to_keep=1`` (no full logits), the final hidden states
-    then go with the LM head and its logit transform (:func:`~rcpo_losses.lm_head_spec`) to
-    :func:`~rcpo_losses.fused_linear_response_stats`; else :func:`~rcpo_losses.response_token_stats`
-    of ``model(...).logits``. This one function gives the policy's and the reference's
-    statistics, in training and in :func:`precompute_reference_stats`.
-
-    Shape:
-        - batch: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(B, S, L)``, ``ranks`` ``(B, S)``.
-        - outputs: ``(B, S)``; ``logps``, ``entropy_sums`` fp32, ``lengths`` int64.
-    """
-    B, S, L = batch["input_ids"].shape
-    keep = (batch["ranks"] != IGNORE).reshape(-1).nonzero()[:, 0]
-    attention = batch["attention_mask"].reshape(B * S, L)[keep]
-    T = int(attention.bool().any(0).nonzero().max()) + 1  # drop the padding columns no kept sequence uses
-    ids = batch["input_ids"].reshape(B * S, L)[keep, :T]
-    attention, mask = attention[:, :T], batch["completion_mask"].reshape(B * S, L)[keep, :T]
-    if fused_linear:
-        hidden = final_hidden_states(model, ids, attention)
-        spec = lm_head_spec(model)  # after the forward (FSDP2 gathers the head); Gemma-2's softcap, a logit scale
-        stats = fused_linear_response_stats(
-            hidden, labels=ids, mask=mask, shift_labels=True, entropy=entropy, **spec.as_kwargs()
-        )
-    else:
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        stats = response_token_stats(logits, ids, mask, shift_labels=True)
-
-    def scatter(x: Tensor) -> Tensor:
-        return torch.zeros(B * S, dtype=x.dtype, device=x.device).index_copy(0, keep, x).reshape(B, S)
-
-    return ResponseTokenStats(*(scatter(x) for x in stats))
 
 
 def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -90,7 +46,7 @@ def precompute_reference_stats(
     fused_linear: bool = False,
     output: str | os.PathLike | None = None,
     progress: bool = True,
-    stats: Callable[..., ResponseTokenStats] = padded_response_stats,
+    stats: Callable[..., ResponseTokenStats] = response_stats,
 ):
     r"""Run the reference model once over ranked rows; the rows with its statistics of each completion.
 
@@ -102,7 +58,7 @@ def precompute_reference_stats(
 
     The rows go through ``collator`` (the one used for training, so the same tokenization
     and truncation) in batches of ``batch_size``, and through ``stats`` (the trainer's
-    :func:`padded_response_stats`, with the same ``fused_linear`` path) in eval mode under
+    :func:`~rcpo_losses.response_stats`, with the same ``fused_linear`` path) in eval mode under
     ``no_grad``, on the device of ``model``'s parameters, with a tqdm progress bar.
 
     Args:

@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from ranked import frozen_copy, make_ranked_batch, tiny_llama  # noqa: E402
 
+from rcpo_losses import response_stats  # noqa: E402
 from rcpo_losses.integrations.reference_model import (  # noqa: E402
     deepspeed_reference_config,
     prepare_reference_model,
     release_reference,
 )
-from rcpo_losses.precompute import padded_response_stats  # noqa: E402
 
 
 def accelerator_with(fsdp_plugin=None, deepspeed_plugin=None):
@@ -60,10 +60,10 @@ def test_fsdp2_reference_is_sharded_and_exact(one_process_group):
     batch = make_ranked_batch(seed=1)
     with torch.no_grad():
         for fused in (False, True):
-            got = padded_response_stats(ref, batch, fused_linear=fused)
+            got = response_stats(ref, batch, fused_linear=fused)
             release_reference(ref)
             assert type(ref.lm_head.weight).__name__ == "DTensor"  # back to its shard
-            for g, w in zip(got, padded_response_stats(want, batch, fused_linear=fused), strict=True):
+            for g, w in zip(got, response_stats(want, batch, fused_linear=fused), strict=True):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from rcpo_losses import (  # noqa: E402
     mnl_pairwise,
     mnl_topk,
 )
+from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
 from rcpo_losses.demo import kendall_tau as kendall_tau_a  # noqa: E402
 from rcpo_losses.integrations.transformers import LOSSES, RCPOTrainer, kendall_tau, top_bottom_ranks  # noqa: E402
 
@@ -133,11 +135,14 @@ def reference_loss(trainer, batch, loss):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_matches_the_functions(tokenizer, tmp_path, loss):
     trainer = perturbed(make_trainer(tokenizer, tmp_path, loss=loss))
-    batch = trainer.data_collator(ROWS)
+    assert trainer.data_collator.layout == "prefix_shared"  # the default
+    batch = RankedPreferenceCollator(tokenizer, layout="padded")(ROWS)
     assert (batch["ranks"] == IGNORE).any()  # padding slots are skipped, and must not matter
-    got = trainer.compute_loss(trainer.model, batch)
     want = reference_loss(trainer, batch, loss)
+    got = trainer.compute_loss(trainer.model, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    packed = trainer.compute_loss(trainer.model, trainer.data_collator(ROWS))
+    torch.testing.assert_close(packed, want, rtol=1e-5, atol=1e-6)
     garbage = {**batch, "input_ids": torch.where((batch["ranks"] == IGNORE)[..., None], 7, batch["input_ids"])}
     torch.testing.assert_close(trainer.compute_loss(trainer.model, garbage), got, rtol=0, atol=0)
 
@@ -223,8 +228,9 @@ def test_trl_style_config_fields_are_read(tokenizer, tmp_path):
     args = DPOLikeConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     trainer = RCPOTrainer(tiny_llama(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer)
     assert trainer.beta == 0.25 and trainer.loss_fn.beta == 0.25
-    batch = trainer.data_collator(ROWS)
-    assert batch["input_ids"].shape[-1] == 6
+    padded = copy.copy(trainer.data_collator)
+    padded.layout = "padded"
+    assert padded(ROWS)["input_ids"].shape[-1] == 6
     assert RCPOTrainer(trainer.model, args=args, processing_class=tokenizer, beta=0.5).beta == 0.5  # explicit wins
 
 

@@ -80,8 +80,8 @@ def check_fsdp2_shard(rank: int) -> None:
     from accelerate.utils import FullyShardedDataParallelPlugin
     from ranked import frozen_copy, make_ranked_batch, tiny_llama
 
+    from rcpo_losses import response_stats
     from rcpo_losses.integrations.reference_model import prepare_reference_model, release_reference
-    from rcpo_losses.precompute import padded_response_stats
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
@@ -96,9 +96,9 @@ def check_fsdp2_shard(rank: int) -> None:
     batch = {k: v.chunk(WORLD)[rank] for k, v in make_ranked_batch(num_prompts=4, seed=1).items()}
     with torch.no_grad():
         for fused in (False, True):
-            got = padded_response_stats(ref, batch, fused_linear=fused)
+            got = response_stats(ref, batch, fused_linear=fused)
             release_reference(ref)
-            for g, w in zip(got, padded_response_stats(plain, batch, fused_linear=fused), strict=True):
+            for g, w in zip(got, response_stats(plain, batch, fused_linear=fused), strict=True):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 

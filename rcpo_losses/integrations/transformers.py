@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections import defaultdict
 
 import torch
@@ -26,10 +27,13 @@ from ..data import REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
 from ..metrics import ranking_metrics
 from ..mnl import mnl_topk
-from ..precompute import has_reference_stats, padded_response_stats, precompute_reference_stats, with_reference_columns
+from ..model_stats import prefix_shared_support, response_stats
+from ..precompute import has_reference_stats, precompute_reference_stats, with_reference_columns
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats
 from .reference_model import prepare_reference_model, release_reference
+
+logger = logging.getLogger(__name__)
 
 LISTWISE = {
     "mnl_discrete": rcpo_nn.MNLDiscreteLoss,
@@ -129,6 +133,10 @@ class RCPOTrainer(Trainer):
             ``args.per_device_eval_batch_size``) and keep no reference model. Rows that already
             carry the ``ref_logps``, ``ref_entropy_sums`` and ``ref_lengths`` columns need no
             reference model either.
+        layout: the collator's layout: ``"prefix_shared"`` (default: each prompt computed once,
+            no padding, the LM head on completion tokens only) or ``"padded"``. A model that
+            cannot take the prefix-shared mask (:func:`rcpo_losses.model_stats.prefix_shared_support`:
+            e.g. ``flash_attention_2``) falls back to ``"padded"`` with one logged warning.
         **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
@@ -160,6 +168,7 @@ class RCPOTrainer(Trainer):
         max_prompt_length: int | None = None,
         ties: str = "error",
         precompute_ref: bool = False,
+        layout: str = "prefix_shared",
         data_collator=None,
         **kwargs,
     ):
@@ -174,7 +183,12 @@ class RCPOTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("processing_class: the tokenizer is needed to build the collator")
             data_collator = RankedPreferenceCollator(
-                processing_class, max_length=max_length, max_prompt_length=max_prompt_length, k=k, ties=ties
+                processing_class,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                k=k,
+                ties=ties,
+                layout=self._supported_layout(layout, model, ref_model),
             )
         self.loss_name = loss
         self.loss_is_scaled_for_ga = loss == "dpo_all_pairs"
@@ -211,14 +225,26 @@ class RCPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ model -> per-response statistics
 
-    def response_stats(self, model, inputs: dict[str, Tensor], *, entropy: bool = True) -> ResponseTokenStats:
-        """Summed completion log-probs, entropy sums and lengths ``[B, S]`` of every response under ``model``.
+    @staticmethod
+    def _supported_layout(layout: str, *models) -> str:
+        if layout != "prefix_shared":
+            return layout
+        for m in models:
+            reason = None if m is None else prefix_shared_support(m)
+            if reason is not None:
+                logger.warning("RCPOTrainer: %s; falling back to layout='padded'", reason)
+                return "padded"
+        return layout
 
-        :func:`~rcpo_losses.precompute.padded_response_stats` with this trainer's ``fused_linear``:
-        the one function that gives the policy's, the live reference's and the precomputed
-        reference's statistics.
+    def response_stats(self, model, inputs: dict[str, Tensor], *, entropy: bool = True) -> ResponseTokenStats:
+        """Summed completion log-probs, entropy sums and lengths ``[B, S]``: :func:`rcpo_losses.response_stats`.
+
+        The one function that gives the policy's, the live reference's and the precomputed
+        reference's statistics, for either layout of the collator; the model runs through its own
+        forward (DDP's hooks run), the LM head (fused with ``fused_linear``) only on the rows that
+        predict a completion token; padding slots (``IGNORE``) get 0.
         """
-        return padded_response_stats(model, inputs, fused_linear=self.fused_linear, entropy=entropy)
+        return response_stats(model, inputs, fused_linear=self.fused_linear, entropy=entropy)
 
     # ------------------------------------------------------------------ the reference model
 
