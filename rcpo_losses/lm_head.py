@@ -171,14 +171,18 @@ def _read_spec(inner: nn.Module) -> LMHeadSpec:
     )
 
 
+def _transform_free(field: str) -> bool:
+    return field.endswith(("_token_id", "_token_ids")) or field.startswith("_attn_implementation")
+
+
 def _fingerprint(inner: nn.Module) -> tuple:
     """``(model class, head class, the config's fields)``: the key of a model already checked."""
     config = getattr(inner, "config", None)
     # repr of the fields (about 30 us for a Llama config; to_json_string takes 200 us): a config
-    # changed in place is a new key. Special token ids never change the logits, and the Trainer rewrites them at
-    # the first step to match the tokenizer: they are left out.
+    # changed in place is a new key. Left out: special token ids (Trainer rewrites them at the first step to match
+    # the tokenizer) and the attention implementation (set_attn_implementation), which change no logit transform.
     if hasattr(config, "__dict__"):
-        fields = repr(sorted((k, v) for k, v in vars(config).items() if not k.endswith(("_token_id", "_token_ids"))))
+        fields = repr(sorted((k, v) for k, v in vars(config).items() if not _transform_free(k)))
     else:
         fields = repr(config)
     return type(inner), type(inner.get_output_embeddings()), fields

@@ -276,6 +276,8 @@ def test_the_check_runs_once_per_class_and_config_and_leaves_the_model_as_it_was
     assert other.forwards == 1
     other.config.pad_token_id, other.config.eos_token_id = 0, 3  # as Trainer aligns them to the tokenizer
     lm_head_spec(other)
+    other.config._attn_implementation = "eager"  # nor does the attention implementation
+    lm_head_spec(other)
     assert other.forwards == 1  # special token ids do not change the logits: not checked again
     ids, attention, _ = _batch()
     hidden = final_hidden_states(model, ids, attention)  # grads and a backward are not disturbed

@@ -168,9 +168,17 @@ def test_peft_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path, 
     model = peft_llama(len(tokenizer), ["q_proj", "v_proj"], modules_to_save)
     base = tiny_llama(vocab_size=len(tokenizer), seed=0).eval()  # the same initial weights, no adapter
     before = live_models()
-    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=fused)
+    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=fused, layout="padded")
     assert trainer.ref_model is None and trainer.peft_reference and live_models() == before  # no copy
     batch = trainer.data_collator(ROWS)
+    packed = make_trainer(tokenizer, tmp_path, model=model, fused_linear=fused, layout="prefix_shared")
+    with torch.no_grad():  # the PEFT base as reference on the prefix-shared layout: the same numbers
+        for got, want in zip(
+            packed.reference_stats(model, packed.data_collator(ROWS)),
+            trainer.reference_stats(model, batch),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         ref = trainer.reference_stats(trainer.model, batch)
         want_ref = trainer.response_stats(base, batch)
@@ -218,7 +226,7 @@ def test_lora_on_the_lm_head_is_refused_by_the_fused_path(tokenizer, tmp_path): 
 
 
 # Trainer arguments of each batch layout; a layout is one more entry here.
-LAYOUTS = {"padded": {}}
+LAYOUTS = {"padded": {"layout": "padded"}, "prefix_shared": {"layout": "prefix_shared"}}
 
 
 def closed_form_at_zero(loss: str, ranks: torch.Tensor, neg_log_phi: torch.Tensor) -> float:
