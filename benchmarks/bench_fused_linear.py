@@ -27,6 +27,9 @@ Implementations (``impl``), all from ``hidden [N, H]`` and ``weight [V, H]`` (bf
   math on CUDA, PyTorch chunk math on the CPU);
 - ``fused.torch``: the same with ``backend="torch"`` (CUDA only: cuBLAS + the PyTorch chunk math);
 - ``fused.noent``: ``fused``, ``entropy=False`` (log-prob only, like ``cce`` and ``liger``);
+- ``fused.tokens``, ``fused.tokens.noent`` (not run by default; CPU): the same with
+  ``fused_linear.CPU_VOCAB_TILES=False``, the backward over token chunks as before the
+  vocabulary tiles;
 - peers (``peers.py``; skipped when not installed, ``pip install -e ".[bench]"``): ``trl.chunked``
   (TRL 1.16's ``ChunkedLogProbFunction``, log-prob and entropy), ``cce`` (cut-cross-entropy
   25.1.1, ``impl="cce"`` on CUDA, ``"torch_compile"`` on the CPU) and ``liger`` (CUDA only),
@@ -58,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, als
 from common import DEVICE, peak_bytes, sync
 from peers import FUSED_PEERS
 
-from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
+from rcpo_losses import fused_linear, fused_linear_token_stats, token_logps_and_entropy
 
 SIZE = os.environ.get("RCPO_BENCH_FUSED", "full" if DEVICE == "cuda" else "small")
 if SIZE == "full":
@@ -101,6 +104,18 @@ def _impl(name: str):
         return FUSED_PEERS[name]
     if name == "fused.noent":
         return lambda h, w, t: (fused_linear_token_stats(h, w, t, entropy=False, validate=False)[0], None)
+    if name.startswith("fused.tokens"):  # the CPU backward over token chunks, as before the vocabulary tiles
+        entropy = name == "fused.tokens"
+
+        def tokens(h, w, t):
+            fused_linear.CPU_VOCAB_TILES = False
+            try:
+                logp, ent = fused_linear_token_stats(h, w, t, entropy=entropy, validate=False)
+                return logp, ent if entropy else None
+            finally:
+                fused_linear.CPU_VOCAB_TILES = None
+
+        return tokens
     backend = "torch" if name == "fused.torch" else "auto"
     return lambda h, w, t: fused_linear_token_stats(h, w, t, backend=backend, validate=False)
 

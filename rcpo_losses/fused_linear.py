@@ -48,6 +48,7 @@ from .tokens import (
     _completion_targets,
     _compute_dtype,
     _response_sums,
+    _tile_logits_grad,
     _Workspace,
     transform_from_args,
 )
@@ -147,6 +148,107 @@ def _matmul_operands(weight: Tensor, bias: Tensor | None, use_triton: bool) -> t
     return weight.float(), None if bias is None else bias.float(), True
 
 
+# The CPU backward of the PyTorch path walks tiles of TILE_ROWS tokens x (TILE_ELEMENTS / rows)
+# vocabulary columns, vocabulary outermost: each tile's weight gradient is one GEMM over all the
+# tokens of the tile (written straight into grad_W when N <= TILE_ROWS), and the hidden-state
+# gradient is accumulated over the vocabulary tiles in an [N, H] buffer (fp32 for bf16/fp16: the
+# size of the hidden states, not the [V, H] weight). Token chunks (the CUDA and fp32-operand
+# paths) would instead need a fp32 [V, H] accumulator, updated once per chunk, and an fp32 or small-K
+# grad_W GEMM per chunk. None: on for every CPU tensor that does not take the fp32-operand path;
+# True/False: force it.
+CPU_VOCAB_TILES: bool | None = None
+TILE_ROWS = 4096
+TILE_ELEMENTS = 1 << 22
+
+
+def _vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
+    if use_triton or cast or x.device.type != "cpu":
+        return CPU_VOCAB_TILES is True and not use_triton and not cast
+    return CPU_VOCAB_TILES is not False
+
+
+def _backward_vocab_tiles(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    ent: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    g_lse: Tensor | None,
+    ignore_index: int,
+    transform: LogitTransform | None,
+    grad_h: Tensor | None,
+    need_weight: bool,
+    grad_b: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The backward over vocabulary tiles (see ``CPU_VOCAB_TILES``): fills ``grad_h`` and ``grad_b``; returns
+    ``(grad_h, grad_W)`` in the parameters' dtype."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dtype = lse.dtype
+    rows = min(N, TILE_ROWS)
+    cols = max(1, min(V, TILE_ELEMENTS // rows))
+    low = weight.dtype != dtype  # bf16/fp16: the GEMMs run in that dtype, the tile math in fp32
+    z_low = hidden.new_empty((rows, cols)) if low else None
+    log_p_buf, p_buf = (hidden.new_empty((rows, cols), dtype=dtype) for _ in range(2))
+    # fp32/fp64: the GEMM writes the logits here; bf16/fp16: only a transform needs a compute-dtype copy
+    z_buf = hidden.new_empty((rows, cols), dtype=dtype) if not low or transform is not None else None
+    h_acc = None if grad_h is None else (torch.zeros((N, H), dtype=dtype) if low else grad_h.zero_())
+    grad_w = weight.new_empty((V, H)) if need_weight else None
+    w_acc = torch.empty((cols, H), dtype=dtype) if need_weight and rows < N else None
+    for c0 in range(0, V, cols):
+        c1 = min(c0 + cols, V)
+        w, W = c1 - c0, weight[c0:c1]
+        if w_acc is not None:
+            w_acc.zero_()
+        for r0 in range(0, N, rows):
+            r1 = min(r0 + rows, N)
+            n, h = r1 - r0, hidden[r0:r1]
+            out = z_low[:n, :w] if low else z_buf[:n, :w]
+            _linear(h, W, None if bias is None else bias[c0:c1], out)  # recompute the tile's logits
+            z = out
+            if transform is not None:
+                z = z_buf[:n, :w].copy_(out) if low else out
+                transform.apply_(z)
+            g = _tile_logits_grad(
+                z,
+                log_p_buf[:n, :w],
+                p_buf[:n, :w],
+                c0,
+                targets[r0:r1],
+                ignore_index,
+                lse[r0:r1],
+                ent[r0:r1],
+                g_logp[r0:r1],
+                None if g_ent is None else g_ent[r0:r1],
+                transform,
+                None if g_lse is None else g_lse[r0:r1],
+            )
+            if grad_b is not None:
+                grad_b[c0:c1] += g.sum(0, dtype=grad_b.dtype)
+            if low:
+                g = out.copy_(g)  # the tile's logits buffer becomes its gradient, for bf16 GEMMs
+            if h_acc is not None:
+                if low:
+                    h_acc[r0:r1] += torch.mm(g, W)
+                else:
+                    h_acc[r0:r1].addmm_(g, W)
+            if need_weight:
+                if w_acc is None:
+                    torch.mm(g.t(), h, out=grad_w[c0:c1])
+                elif low:
+                    w_acc[:w] += torch.mm(g.t(), h)
+                else:
+                    w_acc[:w].addmm_(g.t(), h)
+        if w_acc is not None:
+            grad_w[c0:c1] = w_acc[:w]
+    if h_acc is not None and low:
+        grad_h.copy_(h_acc)
+    return grad_h, grad_w
+
+
 def _resolve_chunk(chunk: int, N: int, H: int, V: int) -> int:
     return default_chunk_rows(N, H, V) if chunk <= 0 else min(chunk, max(N, 1))
 
@@ -243,7 +345,9 @@ def fused_linear_token_stats_backward_op(
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     # contiguous whatever hidden's strides, as the fake says (empty_like would keep a transposed layout)
     grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
-    grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight else None
+    cast = not use_triton and fp32_matmul_operands(weight)
+    tiles = N > 0 and (need_hidden or need_weight or need_bias) and _vocab_tiles(hidden, use_triton, cast)
+    grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight and not tiles else None
     need_bias = need_bias and bias is not None
     grad_b = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None
     if N and (need_hidden or need_weight or need_bias):
@@ -253,6 +357,28 @@ def fused_linear_token_stats_backward_op(
         g_ent = torch.where(valid, grad_entropy.to(dtype), zero) if entropy else None
         g_lse = None if grad_lse is None else torch.where(valid, grad_lse.to(dtype), zero)
         chunk = _resolve_chunk(chunk, N, H, V)
+        if tiles:
+            transform = transform_from_args(softcap, logit_scale, temperature)
+            grad_h, grad_w_low = _backward_vocab_tiles(
+                hidden,
+                weight,
+                bias,
+                targets,
+                lse,
+                ent,
+                g_logp,
+                g_ent,
+                g_lse,
+                ignore_index,
+                transform,
+                grad_h if need_hidden else None,
+                need_weight,
+                grad_b,
+            )
+            grad_h = hidden.new_empty(0) if grad_h is None else grad_h
+            grad_w = weight.new_empty(0) if grad_w_low is None else grad_w_low
+            grad_b = hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
+            return grad_h, grad_w, grad_b
         mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
         buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)
         if use_triton:
