@@ -102,20 +102,20 @@ def _impl(name: str):
         return lambda h, w, t: token_logps_and_entropy(h @ w.T, t, validate=False)
     if name in FUSED_PEERS:
         return FUSED_PEERS[name]
+    if name.startswith("fused") and DEVICE == "cpu":
+        # The CPU backward: over vocabulary tiles (default), or over token chunks as before them
+        # ("fused.tokens*"). Set at the start of each call and left so for the backward that follows.
+        tiles = None if not name.startswith("fused.tokens") else False
+        entropy = not name.endswith("noent")
+
+        def cpu_fused(h, w, t):
+            fused_linear.CPU_VOCAB_TILES = tiles
+            logp, ent = fused_linear_token_stats(h, w, t, entropy=entropy, validate=False)
+            return logp, ent if entropy else None
+
+        return cpu_fused
     if name == "fused.noent":
         return lambda h, w, t: (fused_linear_token_stats(h, w, t, entropy=False, validate=False)[0], None)
-    if name.startswith("fused.tokens"):  # the CPU backward over token chunks, as before the vocabulary tiles
-        entropy = name == "fused.tokens"
-
-        def tokens(h, w, t):
-            fused_linear.CPU_VOCAB_TILES = False
-            try:
-                logp, ent = fused_linear_token_stats(h, w, t, entropy=entropy, validate=False)
-                return logp, ent if entropy else None
-            finally:
-                fused_linear.CPU_VOCAB_TILES = None
-
-        return tokens
     backend = "torch" if name == "fused.torch" else "auto"
     return lambda h, w, t: fused_linear_token_stats(h, w, t, backend=backend, validate=False)
 

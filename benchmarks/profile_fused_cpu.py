@@ -1,10 +1,12 @@
 """Where one forward + backward of ``fused_linear_token_stats`` spends its time on the CPU (torch.profiler).
 
     python benchmarks/profile_fused_cpu.py [--n 2048 --h 512 --v 32000 --dtypes fp32,bf16] [--no-entropy]
+        [--token-chunks]
 
 Self CPU time of each aten op over one call (after a warm-up call), grouped into the
-matmuls (``mm``, ``addmm``), the copies and conversions (``copy_``, ``to``, ``clone``), the
-accumulation into fp32 (``add_`` of a ``[V, H]`` or ``[N, H]`` product, ``addmm_``) and the
+matmuls (``mm``, ``addmm``, ``addmm_``: a GEMM accumulating into its output), the copies and
+conversions (``copy_``, ``to``, ``clone``), the accumulation into fp32 (``add_`` of a bf16
+``[V, H]`` or ``[N, H]`` product into an fp32 buffer) and the
 chunk statistics (everything else: ``log_softmax``, ``softmax``, ``exp``, ``amax``, ``mul``, ...).
 """
 
@@ -15,12 +17,12 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rcpo_losses import fused_linear_token_stats
+from rcpo_losses import fused_linear, fused_linear_token_stats
 
 GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul"),
     "copy/convert": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"),
-    "fp32 accumulate": ("aten::add_", "aten::addmm_"),
+    "fp32 accumulate": ("aten::add_",),
 }
 
 
@@ -36,7 +38,10 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--no-entropy", action="store_true")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--token-chunks", action="store_true", help="the backward over token chunks (as before)")
     args = p.parse_args()
+    if args.token_chunks:
+        fused_linear.CPU_VOCAB_TILES = False
     g = torch.Generator().manual_seed(0)
     for name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
@@ -59,6 +64,7 @@ def main() -> None:
             split[group_of(e.key)] = split.get(group_of(e.key), 0.0) + e.self_cpu_time_total
         print(
             f"\n{name}, N={args.n} H={args.h} V={args.v}, entropy={not args.no_entropy}, "
+            f"backward over {'token chunks' if args.token_chunks else 'vocabulary tiles'}, "
             f"threads {torch.get_num_threads()}: {total / 1e3:.0f} ms of aten self time"
         )
         for group, us in sorted(split.items(), key=lambda kv: -kv[1]):
