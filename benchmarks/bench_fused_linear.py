@@ -7,8 +7,9 @@ Run (not collected by the normal test run, which only looks in tests/):
 Sizes ``(tokens N, hidden H, vocabulary V)``: ``full`` = N in {4096, 16384}, H = 4096,
 V = 128256 (Llama-3), the default on CUDA; ``small`` = N in {1024, 4096}, H = 512,
 V = 32000, the default without CUDA (the full sizes need about 40 GB for the naive path
-and 20 to 70 TFLOP per step, minutes on a small CPU). ``RCPO_BENCH_FUSED`` (``full`` or
-``small``) overrides the default. ``RCPO_BENCH_DTYPES`` (comma-separated, default ``bf16``;
+and 20 to 70 TFLOP per step, minutes on a small CPU). ``RCPO_BENCH_FUSED`` (``full``,
+``small`` or a list such as ``2048x512x32000``) overrides the default; ``RCPO_BENCH_IMPLS``
+(comma-separated) runs only those implementations. ``RCPO_BENCH_DTYPES`` (comma-separated, default ``bf16``;
 e.g. ``bf16,fp32``) picks the dtypes of ``hidden`` and ``weight``.
 
 bf16 on a CPU without a bf16 GEMM (AVX2): the fused path then does its chunk matmuls on
@@ -24,7 +25,15 @@ Implementations (``impl``), all from ``hidden [N, H]`` and ``weight [V, H]`` (bf
   (the Triton kernel on CUDA, the chunked PyTorch path on the CPU);
 - ``fused``: :func:`rcpo_losses.fused_linear_token_stats` (default chunk; Triton chunk
   math on CUDA, PyTorch chunk math on the CPU);
-- ``fused.torch``: the same with ``backend="torch"`` (CUDA only: cuBLAS + the PyTorch chunk math).
+- ``fused.torch``: the same with ``backend="torch"`` (CUDA only: cuBLAS + the PyTorch chunk math);
+- ``fused.noent``: ``fused``, ``entropy=False`` (log-prob only, like ``cce`` and ``liger``);
+- ``fused.tokens``, ``fused.tokens.noent`` (not run by default; CPU): the same with
+  ``ops_backend.CPU_VOCAB_TILES=False``, the backward over token chunks as before the
+  vocabulary tiles;
+- peers (``peers.py``; skipped when not installed, ``pip install -e ".[bench]"``): ``trl.chunked``
+  (TRL 1.16's ``ChunkedLogProbFunction``, log-prob and entropy), ``cce`` (cut-cross-entropy
+  25.1.1, ``impl="cce"`` on CUDA, ``"torch_compile"`` on the CPU) and ``liger`` (CUDA only),
+  both log-prob only: their ``fwd_bwd`` differentiates ``logp.sum()``.
 
 Modes: ``fwd`` under ``torch.no_grad()`` (the reference model) and ``fwd_bwd`` (the policy:
 forward, then the gradients w.r.t. ``hidden`` and ``weight`` of ``logp.sum() + entropy.sum()``
@@ -50,8 +59,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
 from common import DEVICE, peak_bytes, sync
+from peers import FUSED_PEERS
 
 from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
+from rcpo_losses.ops import backend as ops_backend
 
 SIZE = os.environ.get("RCPO_BENCH_FUSED", "full" if DEVICE == "cuda" else "small")
 if SIZE == "full":
@@ -59,9 +70,14 @@ if SIZE == "full":
 elif SIZE == "small":
     SHAPES = ((1024, 512, 32000), (4096, 512, 32000))
 else:
-    raise ValueError(f"RCPO_BENCH_FUSED: expected 'full' or 'small', got {SIZE!r}")
+    try:
+        SHAPES = tuple(tuple(int(n) for n in shape.split("x", 2)) for shape in SIZE.split(","))
+    except ValueError:
+        raise ValueError(f"RCPO_BENCH_FUSED: expected 'full', 'small' or NxHxV[,...], got {SIZE!r}") from None
 ROUNDS = 10 if DEVICE == "cuda" else 3
-IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch")
+IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch", "fused.noent", *FUSED_PEERS)
+if os.environ.get("RCPO_BENCH_IMPLS"):
+    IMPLS = tuple(i for i in os.environ["RCPO_BENCH_IMPLS"].split(",") if i)
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPES = tuple(_DTYPE_NAMES[d.strip()] for d in os.environ.get("RCPO_BENCH_DTYPES", "bf16").split(","))
 
@@ -85,16 +101,33 @@ def _impl(name: str):
         return _naive_compiled
     if name == "unfused":
         return lambda h, w, t: token_logps_and_entropy(h @ w.T, t, validate=False)
+    if name in FUSED_PEERS:
+        return FUSED_PEERS[name]
+    if name.startswith("fused") and DEVICE == "cpu":
+        # The CPU backward: over vocabulary tiles (default), or over token chunks as before them
+        # ("fused.tokens*"). Set at the start of each call and left so for the backward that follows.
+        tiles = None if not name.startswith("fused.tokens") else False
+        entropy = not name.endswith("noent")
+
+        def cpu_fused(h, w, t):
+            ops_backend.CPU_VOCAB_TILES = tiles
+            logp, ent = fused_linear_token_stats(h, w, t, entropy=entropy, validate=False)
+            return logp, ent if entropy else None
+
+        return cpu_fused
+    if name == "fused.noent":
+        return lambda h, w, t: (fused_linear_token_stats(h, w, t, entropy=False, validate=False)[0], None)
     backend = "torch" if name == "fused.torch" else "auto"
     return lambda h, w, t: fused_linear_token_stats(h, w, t, backend=backend, validate=False)
 
 
 def _step(fn, mode: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
+    """Forward; for ``fwd_bwd`` also the gradients of ``logp.sum() + entropy.sum()`` (``logp.sum()`` without one)."""
     if mode == "fwd":
         with torch.no_grad():
             return fn(h, w, t)
     logp, ent = fn(h, w, t)
-    return torch.autograd.grad(logp.sum() + ent.sum(), (h, w))
+    return torch.autograd.grad(logp.sum() if ent is None else logp.sum() + ent.sum(), (h, w))
 
 
 def make_inputs(mode: str, N: int, H: int, V: int, dtype: str = "bf16"):
@@ -125,6 +158,9 @@ def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, dtype: str, sta
 def test_fused_linear(benchmark, mode, impl, shape, dtype):
     if impl == "fused.torch" and DEVICE != "cuda":
         pytest.skip("on the CPU, fused already runs the PyTorch chunk math")
+    if impl in FUSED_PEERS and FUSED_PEERS[impl] is None:
+        why = "needs CUDA" if impl == "liger" and DEVICE != "cuda" else "is not installed (pip install -e '.[bench]')"
+        pytest.skip(f"{impl} {why}")
     dtype = {v: k for k, v in _DTYPE_NAMES.items()}[getattr(torch, dtype)]
     N, H, V = shape
     h, w, t = make_inputs(mode, N, H, V, dtype)
@@ -140,6 +176,8 @@ def test_fused_linear(benchmark, mode, impl, shape, dtype):
     benchmark.group = f"fused linear {mode} N={N} H={H} V={V}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     flops = 2 * N * H * V * (1 if mode == "fwd" else 3)
+    if impl in FUSED_PEERS:
+        benchmark.extra_info.update(peer=impl)
     benchmark.extra_info.update(
         impl=impl,
         dtype=dtype,

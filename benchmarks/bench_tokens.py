@@ -1,4 +1,4 @@
-"""Per-token target log-prob + entropy from bf16 logits: naive PyTorch, torch.compile, chunked, Triton.
+"""Per-token target log-prob + entropy from logits: naive PyTorch, torch.compile, chunked, Triton, TRL.
 
 Run (not collected by the normal test run, which only looks in tests/):
 
@@ -7,14 +7,18 @@ Run (not collected by the normal test run, which only looks in tests/):
 Sizes ``(tokens, V)``: ``full`` = {(4096, 32000), (16384, 128256)}, the default on CUDA;
 ``small`` = {(1024, 32000), (256, 128256)}, the default without CUDA (the full sizes need
 about 40 GB for the naive path and minutes per call on a small CPU). ``RCPO_BENCH_TOKENS``
-(``full`` or ``small``) overrides the default.
+(``full``, ``small`` or a list such as ``2048x32000,256x128256``) overrides the default.
+``RCPO_BENCH_DTYPES`` (comma-separated, default ``bf16``; e.g. ``bf16,fp32``) picks the
+dtype of the logits. ``RCPO_BENCH_IMPLS`` (comma-separated) runs only those implementations.
 
 Implementations (``impl``):
 
 - ``naive``: ``log_softmax`` in fp32, ``gather`` of the target, ``-(softmax * log_softmax).sum``;
 - ``naive.compile``: the same under ``torch.compile(fullgraph=True, dynamic=False)``;
 - ``chunked``: :func:`rcpo_losses.token_logps_and_entropy` with ``backend="torch"``;
-- ``triton``: the same with ``backend="triton"`` (CUDA only).
+- ``triton``: the same with ``backend="triton"`` (CUDA only);
+- ``trl``: TRL 1.16's ``selective_log_softmax_and_entropy`` (a peer, see ``peers.py``; skipped
+  when trl is not installed: ``pip install -e ".[bench]"``).
 
 Modes: ``fwd`` under ``torch.no_grad()`` (the reference model), ``fwd_bwd`` (the policy:
 forward, then the logits gradient for ``logp.sum() + entropy.sum()`` via
@@ -22,8 +26,8 @@ forward, then the logits gradient for ``logp.sum() + entropy.sum()`` via
 valid (no ignored positions), so every implementation touches every logit.
 
 ``extra_info`` per benchmark: ``peak_mb`` and ``peak_copies``, the peak memory above the
-inputs during one call, in MB and in copies of the bf16 logits (``fwd_bwd`` includes the
-bf16 gradient it returns, one copy); on CUDA ``torch.cuda.max_memory_allocated``; on the
+inputs during one call, in MB and in copies of the logits (``fwd_bwd`` includes the
+gradient it returns, one copy); on CUDA ``torch.cuda.max_memory_allocated``; on the
 CPU the peak resident set of one call (``VmHWM`` reset before it) in a fresh subprocess
 with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns every freed block above
 64 KiB at once and the resident set tracks live tensors. (The timings run in-process with
@@ -44,6 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
 from common import DEVICE, measure_copy_gbps, peak_bytes, sync
+from peers import TOKEN_PEERS
 
 from rcpo_losses import token_logps_and_entropy
 
@@ -53,10 +58,16 @@ if SIZE == "full":
 elif SIZE == "small":
     SHAPES = ((1024, 32000), (256, 128256))
 else:
-    raise ValueError(f"RCPO_BENCH_TOKENS: expected 'full' or 'small', got {SIZE!r}")
+    try:
+        SHAPES = tuple(tuple(int(n) for n in shape.split("x", 1)) for shape in SIZE.split(","))
+    except ValueError:
+        raise ValueError(f"RCPO_BENCH_TOKENS: expected 'full', 'small' or NxV[,NxV...], got {SIZE!r}") from None
 ROUNDS = 10 if DEVICE == "cuda" else 5
-IMPLS = ("naive", "naive.compile", "chunked", "triton")
-DTYPE = torch.bfloat16
+IMPLS = ("naive", "naive.compile", "chunked", "triton", *TOKEN_PEERS)
+if os.environ.get("RCPO_BENCH_IMPLS"):
+    IMPLS = tuple(i for i in os.environ["RCPO_BENCH_IMPLS"].split(",") if i)
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = tuple(d.strip() for d in os.environ.get("RCPO_BENCH_DTYPES", "bf16").split(","))
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
@@ -77,6 +88,8 @@ def _impl(name: str):
         return naive
     if name == "naive.compile":
         return _naive_compiled
+    if name in TOKEN_PEERS:
+        return TOKEN_PEERS[name]
     backend = "torch" if name == "chunked" else "triton"
     return lambda z, t: token_logps_and_entropy(z, t, backend=backend, validate=False)
 
@@ -89,18 +102,18 @@ def _step(fn, mode: str, x: torch.Tensor, t: torch.Tensor):
     return torch.autograd.grad(logp.sum() + ent.sum(), x)
 
 
-def make_inputs(mode: str, N: int, V: int):
+def make_inputs(mode: str, N: int, V: int, dtype: str = "bf16"):
     g = torch.Generator().manual_seed(N + V)
-    x = (torch.randn(N, V, generator=g) * 2).to(DEVICE, DTYPE).requires_grad_(mode == "fwd_bwd")
+    x = (torch.randn(N, V, generator=g) * 2).to(DEVICE, _DTYPE_NAMES[dtype]).requires_grad_(mode == "fwd_bwd")
     t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
     return x, t
 
 
-def cpu_peak_bytes(mode: str, impl: str, N: int, V: int, start, peak) -> int:
+def cpu_peak_bytes(mode: str, impl: str, N: int, V: int, dtype: str, start, peak) -> int:
     """In a fresh subprocess (``common.peak_bytes``): peak resident set above the inputs, one call."""
-    x, t = make_inputs(mode, N, V)
+    x, t = make_inputs(mode, N, V, dtype)
     fn = _impl(impl)
-    if impl == "naive.compile":
+    if impl in ("naive.compile", *TOKEN_PEERS):  # compile, and a peer's one-off imports and caches
         _step(fn, mode, x, t)  # compile first: the compiler's own memory is not the op's
     base = start()
     out = _step(fn, mode, x, t)
@@ -110,17 +123,20 @@ def cpu_peak_bytes(mode: str, impl: str, N: int, V: int, start, peak) -> int:
 
 @pytest.fixture(scope="module")
 def copy_gbps() -> float:
-    return measure_copy_gbps(DTYPE, 512 if DEVICE == "cuda" else 64)
+    return measure_copy_gbps(torch.bfloat16, 512 if DEVICE == "cuda" else 64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ("fwd", "fwd_bwd"))
-def test_token_stats(benchmark, copy_gbps, mode, impl, shape):
+def test_token_stats(benchmark, copy_gbps, mode, impl, shape, dtype):
     if impl == "triton" and DEVICE != "cuda":
         pytest.skip("the Triton kernel is benchmarked on CUDA only (the interpreter says nothing about speed)")
+    if impl in TOKEN_PEERS and TOKEN_PEERS[impl] is None:
+        pytest.skip(f"{impl} is not installed (pip install -e '.[bench]')")
     N, V = shape
-    x, t = make_inputs(mode, N, V)
+    x, t = make_inputs(mode, N, V, dtype)
     fn = _impl(impl)
 
     def run():
@@ -129,14 +145,17 @@ def test_token_stats(benchmark, copy_gbps, mode, impl, shape):
         return out
 
     run()  # warm-up: compilation, autotuning, allocator
-    peak = peak_bytes(run, __file__, mode, impl, N, V)
-    benchmark.group = f"token stats {mode} {N}x{V} bf16"
+    peak = peak_bytes(run, __file__, mode, impl, N, V, dtype)
+    benchmark.group = f"token stats {mode} {N}x{V} {dtype}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     copy_bytes = N * V * x.element_size()
     moved = copy_bytes * (1 if mode == "fwd" else 3)
     gbps = moved / benchmark.stats.stats.median / 1e9
+    if impl in TOKEN_PEERS:
+        benchmark.extra_info.update(peer=impl)
     benchmark.extra_info.update(
         impl=impl,
+        dtype=dtype,
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         bytes=moved,
         gbps=gbps,

@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh [--quick] [OUT_DIR]      # default ./gpu_report
 #
 # Full mode: the whole test suite and every benchmarks/bench_*.py at its full grid.
-# --quick (fits one 6-minute call on one H100): the CUDA kernel tests (choice kernels,
+# --quick (fits one 10-minute call on one H100, the peers included): the CUDA kernel tests (choice kernels,
 # token stats, fused linear) and the headline benchmark rows only:
 #   - choice losses (MNL, Mallows-RMJ), torch and triton, fwd+bwd at B=4096 and B=262144, S=8;
 #   - token stats, bf16 [16384, 128256], chunked and triton, fwd and fwd+bwd;
@@ -14,7 +14,14 @@
 #   - one RCPO training step (bench_ranked_step: tiny Llama, 16 prompts x 5 completions, bf16),
 #     padded (sdpa) vs prefix-shared (flex_attention with a BlockMask), and the DPO pair step.
 #
-# OUT_DIR gets: env.txt, tests.txt, bench_<name>.{txt,json} per benchmark file, report.md.
+# Both modes first install the `bench` extra (trl, liger-kernel, cut-cross-entropy: the peer rows, see
+# benchmarks/peers.py) unless RCPO_NO_INSTALL=1; without a network the install fails, which is
+# reported, and the peer rows are skipped. The quick rows include the peers at the same sizes:
+#   - token stats: TRL's selective_log_softmax_and_entropy;
+#   - fused linear: fused with entropy=False, TRL's ChunkedLogProbFunction, cut-cross-entropy (impl="cce")
+#     and Liger's fused linear cross-entropy.
+#
+# OUT_DIR gets: env.txt, install.txt, tests.txt, bench_<name>.{txt,json} per benchmark file, report.md.
 # Exit status: 0 when the tests and every benchmark file passed, 1 otherwise, 2 without CUDA.
 set -uo pipefail
 
@@ -39,11 +46,17 @@ fi
     python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name())"
 } >"$OUT/env.txt" 2>&1
 
+if [ "${RCPO_NO_INSTALL:-0}" != 1 ]; then
+    python -m pip install -e ".[bench]" >"$OUT/install.txt" 2>&1 \
+        || echo "gpu_check: could not install the bench extra (see $OUT/install.txt): the peer rows are skipped" >&2
+fi
+python -c "import trl, cut_cross_entropy, liger_kernel; print('trl', trl.__version__)" >>"$OUT/env.txt" 2>&1
+
 # --quick: the benchmark rows to run, as a pattern on the pytest ids of each file.
 declare -A QUICK_ROWS=(
     [bench_choice]='copy_baseline|\[[a-z_]+-(torch|triton)-(4096|262144)-8\]'
-    [bench_tokens]='\[(fwd|fwd_bwd)-(chunked|triton)-16384x128256\]'
-    [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused)-4096x4096x128256-bfloat16\]'
+    [bench_tokens]='\[(fwd|fwd_bwd)-(chunked|triton|trl)-16384x128256-bf16\]'
+    [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused|fused\.noent|trl\.chunked|cce|liger)-4096x4096x128256-bfloat16\]'
     [bench_ranked_step]='test_ranked_step\[(ranked|dpo_pair)-(padded_all_rows|prefix_shared)\]'
 )
 

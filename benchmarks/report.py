@@ -8,7 +8,11 @@ and whatever the benchmark put in ``extra_info`` (for the choice losses: ``gbps`
 achieved bandwidth for the bytes a fused implementation must move, and ``pct_of_copy``,
 that relative to a device-to-device copy of the same run). Within a group, a
 ``speedup`` column compares each row with the group's ``torch`` row (``impl`` in
-``extra_info`` or ``params``) when there is one.
+``extra_info`` or ``params``) when there is one. Where a group has rows of other libraries
+(``peer`` in ``extra_info``: see ``benchmarks/peers.py``), two more columns compare each row
+with the fastest of them: ``time / fastest peer`` (below 1: faster than every peer) and
+``peak / its peak`` (each row's ``peak_mb`` over that peer's), and a line under the table
+names the fastest peer and gives every peer's time and peak memory.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-SKIP_EXTRA = {"bytes", "device", "impl"}
+SKIP_EXTRA = {"bytes", "device", "impl", "peer"}
 
 
 def _time(seconds: float) -> str:
@@ -59,7 +63,11 @@ def section(path: Path) -> str:
     for group, benches in groups.items():
         extras = sorted({k for b in benches for k in (b.get("extra_info") or {}) if k not in SKIP_EXTRA})
         base = next((b for b in benches if _impl(b) == "torch"), None)
+        peers = [b for b in benches if (b.get("extra_info") or {}).get("peer")]
+        fastest = min(peers, key=lambda b: b["stats"]["median"]) if peers else None
         header = ["benchmark", "median", "IQR", "rounds", *extras] + (["speedup vs torch"] if base else [])
+        if fastest:
+            header += [f"time / fastest peer ({fastest['extra_info']['peer']})", "peak / its peak"]
         lines += [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for b in benches:
             stats = b["stats"]
@@ -68,7 +76,18 @@ def section(path: Path) -> str:
             row += [_value(extra.get(k, "")) for k in extras]
             if base:
                 row.append(f"{base['stats']['median'] / stats['median']:.2f}x")
+            if fastest:
+                row.append(f"{stats['median'] / fastest['stats']['median']:.2f}")
+                peak, peer_peak = extra.get("peak_mb"), fastest["extra_info"].get("peak_mb")
+                row.append(f"{peak / peer_peak:.3g}" if peak is not None and peer_peak else "")
             lines.append("| " + " | ".join(row) + " |")
+        if peers:
+            each = ", ".join(
+                f"{p['extra_info']['peer']} {_time(p['stats']['median'])}"
+                + (f", peak {p['extra_info']['peak_mb']:.4g} MB" if "peak_mb" in p["extra_info"] else "")
+                for p in peers
+            )
+            lines += ["", f"Peers: {each}; fastest: {fastest['extra_info']['peer']}."]
         lines.append("")
     return "\n".join(lines)
 

@@ -277,11 +277,14 @@ def make_loss(obj: Objective, runs: Runs, k: int, beta: float, neg_log_phi: floa
         pairwise = mnl_pairwise if obj.family == "mnl" else mallows_rmj_pairwise
 
         picks = [rows * runs.scores.shape[-1] + slot for slot in (win, lose)]  # into the flattened [N, S]
+        ref_picks = {}  # the reference's side is the same at every step: formed once per (ref, L)
 
         def loss(pol: Tensor, ref: Tensor, validate: bool) -> Tensor:
             L = pol.shape[0]
             chosen, rejected = (pol.flatten(1).index_select(1, i).flatten() for i in picks)
-            ref_chosen, ref_rejected = (ref.flatten().index_select(0, i).repeat(L) for i in picks)
+            if ref_picks.get("ref") is not ref or ref_picks["L"] != L:
+                ref_picks.update(ref=ref, L=L, pair=[ref.flatten().index_select(0, i).repeat(L) for i in picks])
+            ref_chosen, ref_rejected = ref_picks["pair"]
             return pairwise(chosen, rejected, ref_chosen, ref_rejected, validate=validate, **kw).view(L, -1)
 
         return loss, runs.row_run[rows]
@@ -290,9 +293,13 @@ def make_loss(obj: Objective, runs: Runs, k: int, beta: float, neg_log_phi: floa
         (obj.family, obj.feedback), mnl_topk if obj.family == "mnl" else mallows_rmj_topk
     )
 
+    repeated = {}  # the reference and the ranks, repeated for the L slices: the same at every step
+
     def loss(pol: Tensor, ref: Tensor, validate: bool) -> Tensor:
         L = pol.shape[0]
-        out = fn(pol.flatten(0, 1), ref.expand_as(pol).flatten(0, 1), ranks.repeat(L, 1), validate=validate, **kw)
+        if repeated.get("of") is not ref or repeated["L"] != L:
+            repeated.update(of=ref, L=L, ref=ref.expand_as(pol).flatten(0, 1), ranks=ranks.repeat(L, 1))
+        out = fn(pol.flatten(0, 1), repeated["ref"], repeated["ranks"], validate=validate, **kw)
         return out.view(L, -1)
 
     return loss, runs.row_run

@@ -166,7 +166,7 @@ def mallows_rmj_pairwise(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction, validate
     )
     checks.check_neg_log_phi(neg_log_phi, ranks, validate, r.dtype)
-    return reduce_rows(_rows(r, ranks, neg_log_phi, backend), ranks, reduction)
+    return reduce_rows(_rows(r, ranks, neg_log_phi, backend), None, reduction)  # pairs: every row valid
 
 
 def log_q_factorial_ratio(n: Tensor, m: Tensor, neg_log_phi: Tensor, size: int) -> Tensor:

@@ -134,7 +134,7 @@ def mnl_pairwise(
     r, ranks = inputs.pairwise_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction, validate
     )
-    return reduce_rows(_rows(r, ranks, backend), ranks, reduction)
+    return reduce_rows(_rows(r, ranks, backend), None, reduction)  # pairs: every row valid
 
 
 def mnl_log_likelihood(rewards: Tensor, ranks: Tensor, *, validate: bool = True) -> Tensor:

@@ -103,3 +103,19 @@ def fp32_matmul_operands(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     return slow_cpu_matmul(x.dtype) if CPU_FP32_MATMUL is None else CPU_FP32_MATMUL
+
+
+# The CPU backward of the fused LM head over vocabulary tiles (no fp32 [V, H] accumulator; see
+# rcpo_losses.ops.fused_linear). None: on for every CPU tensor that does not take the fp32-operand
+# path; True/False: force it.
+CPU_VOCAB_TILES: bool | None = None
+
+
+def cpu_vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
+    """Whether the fused LM head's PyTorch backward walks vocabulary tiles (``rcpo_losses.ops.fused_linear``).
+
+    ``cast``: the chunk matmuls take fp32 operands (:func:`fp32_matmul_operands`), which keeps token chunks.
+    """
+    if use_triton or cast or x.device.type != "cpu":
+        return CPU_VOCAB_TILES is True and not use_triton and not cast
+    return CPU_VOCAB_TILES is not False

@@ -6,7 +6,10 @@ statistics: through the Triton token-stats op (``rcpo_losses.kernels.token_stats
 through its PyTorch twin's chunk math (:func:`rcpo_losses.reference.token_stats.chunk_stats`,
 :func:`~rcpo_losses.reference.token_stats.chunk_logits_grad`) elsewhere. The backward
 recomputes each chunk's logits, turns them into the logits gradient and accumulates
-``grad_W``/``grad_b`` in fp32 (fp64 for fp64). :func:`fused_linear_stats_any` is what
+``grad_W``/``grad_b`` in fp32 (fp64 for fp64). On the CPU (unless it takes the fp32-operand
+path) the backward walks vocabulary tiles instead (``_backward_vocab_tiles``):
+``grad_W[tile] = g.T @ h`` is one GEMM over the tokens and ``grad_h`` is accumulated in an
+``[N, H]`` buffer, so there is no ``[V, H]`` fp32 one. :func:`fused_linear_stats_any` is what
 :func:`rcpo_losses.fused_linear_token_stats` calls; the backend decisions (Triton, fp32
 operands on a CPU without a fast bf16 GEMM) come from :mod:`rcpo_losses.ops.backend`.
 """
@@ -23,9 +26,10 @@ from ..reference.token_stats import (
     chunk_logits_grad,
     chunk_stats,
     compute_dtype,
+    tile_logits_grad,
     transform_from_args,
 )
-from .backend import fp32_matmul_operands, use_triton
+from .backend import cpu_vocab_tiles, fp32_matmul_operands, use_triton
 from .token_stats import token_stats, token_stats_backward
 
 # Default chunk: about N / ceil(V / H) rows, so that a chunk of logits holds about as many
@@ -86,8 +90,113 @@ def _matmul_operands(weight: Tensor, bias: Tensor | None, use_triton: bool) -> t
     return weight.float(), None if bias is None else bias.float(), True
 
 
-def _resolve_chunk(chunk: int, N: int, H: int, V: int) -> int:
-    return default_chunk_rows(N, H, V) if chunk <= 0 else min(chunk, max(N, 1))
+# The CPU backward of the PyTorch path walks tiles of TILE_ROWS tokens x (TILE_ELEMENTS / rows)
+# vocabulary columns, vocabulary outermost: each tile's weight gradient is one GEMM over all the
+# tokens of the tile (written straight into grad_W when N <= TILE_ROWS), and the hidden-state
+# gradient is accumulated over the vocabulary tiles in an [N, H] buffer (fp32 for bf16/fp16: the
+# size of the hidden states, not the [V, H] weight). Token chunks (the CUDA and fp32-operand
+# paths) would instead need a fp32 [V, H] accumulator, updated once per chunk, and an fp32 or small-K
+# grad_W GEMM per chunk. Where it runs: rcpo_losses.ops.backend.cpu_vocab_tiles.
+TILE_ROWS = 4096
+TILE_ELEMENTS = 1 << 21
+
+
+def _backward_vocab_tiles(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    ent: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    g_lse: Tensor | None,
+    ignore_index: int,
+    transform: LogitTransform | None,
+    grad_h: Tensor | None,
+    need_weight: bool,
+    grad_b: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The backward over vocabulary tiles (where: ``rcpo_losses.ops.backend.cpu_vocab_tiles``).
+
+    Fills ``grad_h`` and ``grad_b``; returns ``(grad_h, grad_W)`` in the parameters' dtype.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dtype = lse.dtype
+    rows = min(N, TILE_ROWS)
+    cols = max(1, min(V, TILE_ELEMENTS // rows))
+    low = weight.dtype != dtype  # bf16/fp16: the GEMMs run in that dtype, the tile math in fp32
+    z_low = hidden.new_empty((rows, cols)) if low else None
+    log_p_buf, p_buf = (hidden.new_empty((rows, cols), dtype=dtype) for _ in range(2))
+    # fp32/fp64: the GEMM writes the logits here; bf16/fp16: only a transform needs a compute-dtype copy
+    z_buf = hidden.new_empty((rows, cols), dtype=dtype) if not low or transform is not None else None
+    h_acc = None if grad_h is None else (torch.zeros((N, H), dtype=dtype) if low else grad_h.zero_())
+    grad_w = weight.new_empty((V, H)) if need_weight else None
+    w_acc = torch.empty((cols, H), dtype=dtype) if need_weight and rows < N else None
+    for c0 in range(0, V, cols):
+        c1 = min(c0 + cols, V)
+        w, W = c1 - c0, weight[c0:c1]
+        if w_acc is not None:
+            w_acc.zero_()
+        for r0 in range(0, N, rows):
+            r1 = min(r0 + rows, N)
+            n, h = r1 - r0, hidden[r0:r1]
+            out = z_low[:n, :w] if low else z_buf[:n, :w]
+            _linear(h, W, None if bias is None else bias[c0:c1], out)  # recompute the tile's logits
+            z = out
+            if transform is not None:
+                z = z_buf[:n, :w].copy_(out) if low else out
+                transform.apply_(z)
+            g = tile_logits_grad(
+                z,
+                log_p_buf[:n, :w],
+                p_buf[:n, :w],
+                c0,
+                targets[r0:r1],
+                ignore_index,
+                lse[r0:r1],
+                ent[r0:r1],
+                g_logp[r0:r1],
+                None if g_ent is None else g_ent[r0:r1],
+                transform,
+                None if g_lse is None else g_lse[r0:r1],
+            )
+            if grad_b is not None:
+                grad_b[c0:c1] += g.sum(0, dtype=grad_b.dtype)
+            if low:
+                g = out.copy_(g)  # the tile's logits buffer becomes its gradient, for bf16 GEMMs
+            if h_acc is not None:
+                if low:
+                    h_acc[r0:r1] += torch.mm(g, W)
+                else:
+                    h_acc[r0:r1].addmm_(g, W)
+            if need_weight:
+                if w_acc is None:
+                    torch.mm(g.t(), h, out=grad_w[c0:c1])
+                elif low:
+                    w_acc[:w] += torch.mm(g.t(), h)
+                else:
+                    w_acc[:w].addmm_(g.t(), h)
+        if w_acc is not None:
+            grad_w[c0:c1] = w_acc[:w]
+    if h_acc is not None and low:
+        grad_h.copy_(h_acc)
+    return grad_h, grad_w
+
+
+# The CPU's default chunk (bf16 GEMMs or fp32; not the fp32-operand path) holds at most this many
+# logits (8 MiB per fp32 buffer), at least 16 rows:
+# 64 rows at V = 32000. Smaller buffers stay in cache: at N = 2048, H = 512, V = 32000 (bf16) this
+# took 0.72 s for 30 MB above the inputs and gradients, against 0.87 s and 57 MB with 128-row chunks.
+CPU_CHUNK_ELEMENTS = 1 << 21
+
+
+def _resolve_chunk(chunk: int, N: int, H: int, V: int, cpu: bool = False) -> int:
+    if chunk > 0:
+        return min(chunk, max(N, 1))
+    rows = default_chunk_rows(N, H, V)
+    return max(1, min(rows, max(16, CPU_CHUNK_ELEMENTS // max(V, 1)), N)) if cpu else rows
 
 
 @torch.library.custom_op("rcpo_losses::fused_linear_token_stats", mutates_args=())
@@ -117,8 +226,8 @@ def fused_linear_token_stats_op(
     lse = hidden.new_zeros(N, dtype=dtype)
     if N == 0:
         return logp, ent, lse
-    chunk = _resolve_chunk(chunk, N, H, V)
     mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
+    chunk = _resolve_chunk(chunk, N, H, V, cpu=not use_triton and not cast and hidden.device.type == "cpu")
     buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)  # the one chunk of logits, reused
     if use_triton:
         for a in range(0, N, chunk):
@@ -180,7 +289,9 @@ def fused_linear_token_stats_backward_op(
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     # contiguous whatever hidden's strides, as the fake says (empty_like would keep a transposed layout)
     grad_h = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
-    grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight else None
+    cast = not use_triton and fp32_matmul_operands(weight)
+    tiles = N > 0 and (need_hidden or need_weight or need_bias) and cpu_vocab_tiles(hidden, use_triton, cast)
+    grad_w = torch.zeros((V, H), dtype=acc_dtype, device=weight.device) if need_weight and not tiles else None
     need_bias = need_bias and bias is not None
     grad_b = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None
     if N and (need_hidden or need_weight or need_bias):
@@ -189,7 +300,29 @@ def fused_linear_token_stats_backward_op(
         g_logp = torch.where(valid, grad_logp.to(dtype), zero)
         g_ent = torch.where(valid, grad_entropy.to(dtype), zero) if entropy else None
         g_lse = None if grad_lse is None else torch.where(valid, grad_lse.to(dtype), zero)
-        chunk = _resolve_chunk(chunk, N, H, V)
+        chunk = _resolve_chunk(chunk, N, H, V, cpu=not use_triton and not cast and hidden.device.type == "cpu")
+        if tiles:
+            transform = transform_from_args(softcap, logit_scale, temperature)
+            grad_h, grad_w_low = _backward_vocab_tiles(
+                hidden,
+                weight,
+                bias,
+                targets,
+                lse,
+                ent,
+                g_logp,
+                g_ent,
+                g_lse,
+                ignore_index,
+                transform,
+                grad_h if need_hidden else None,
+                need_weight,
+                grad_b,
+            )
+            grad_h = hidden.new_empty(0) if grad_h is None else grad_h
+            grad_w = weight.new_empty(0) if grad_w_low is None else grad_w_low
+            grad_b = hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
+            return grad_h, grad_w, grad_b
         mm_weight, mm_bias, cast = _matmul_operands(weight, bias, use_triton)
         buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)
         if use_triton:

@@ -162,7 +162,7 @@ def chunk_stats(
     lse = z.amax(dim=-1) - log_p.amax(dim=-1)
     logp = torch.where(in_range, log_p.gather(1, safe[:, None]).squeeze(1), torch.nan)
     if entropy:
-        torch.softmax(z, dim=-1, out=p)
+        torch.exp(log_p, out=p)  # one pass, where softmax(z) would take three
         ent = torch.where(valid, -p.mul_(log_p.clamp_(min=LOG_P_FLOOR)).sum(-1), zero)
     else:
         ent = torch.zeros_like(lse)
@@ -210,6 +210,49 @@ def chunk_logits_grad(
     if transform is not None:
         g.mul_(transform.derivative_(z))  # chain rule through z' = transform(z)
     g.masked_fill_(~valid[:, None], 0)  # ignored rows: 0 even if their logits hold NaN
+    return g
+
+
+def tile_logits_grad(
+    z: Tensor,
+    log_p: Tensor,
+    p: Tensor,
+    col: int,
+    targets: Tensor,
+    ignore_index: int,
+    lse: Tensor,
+    ent: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    transform: LogitTransform | None = None,
+    g_lse: Tensor | None = None,
+) -> Tensor:
+    """:func:`chunk_logits_grad` for a tile of vocabulary columns ``col:col + w`` of ``n`` rows: ``[n, w]``.
+
+    The tile does not hold whole rows, so ``p = exp(z - lse)`` comes from the forward's
+    ``lse`` instead of a softmax, and the one-hot term lands only in the rows whose target
+    is in the tile. ``z``: the tile's logits, in any float dtype (a bf16 GEMM's output is
+    read as it is); with a ``transform``, the transformed logits in the compute dtype, which
+    are overwritten. ``log_p``, ``p``: compute-dtype scratch; the gradient is formed in
+    ``log_p``'s buffer and returned.
+    """
+    w = z.shape[1]
+    valid = targets != ignore_index
+    gp = g_logp if g_lse is None else g_logp - g_lse  # the weight of the -p term
+    torch.sub(z, lse[:, None], out=log_p).clamp_(min=LOG_P_FLOOR)
+    torch.exp(log_p, out=p)
+    if g_ent is None:
+        g = torch.mul(p, -gp[:, None], out=log_p)  # -p * g_logp
+    else:
+        # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
+        g = log_p.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(gp[:, None]).mul_(p)
+    local = targets - col
+    hit = valid & (local >= 0) & (local < w)
+    g.scatter_add_(1, local.clamp(0, max(w - 1, 0))[:, None], torch.where(hit, g_logp, 0.0)[:, None])
+    if transform is not None:
+        g.mul_(transform.derivative_(z))  # chain rule through z' = transform(z)
+    if z.device.type != "cpu" or not bool(valid.all()):  # a free check on the CPU, where this runs
+        g.masked_fill_(~valid[:, None], 0)  # ignored rows: 0 even if their lse is NaN
     return g
 
 
