@@ -167,9 +167,6 @@ def response_stats(
         ids = batch["input_ids"]
         inputs = {"position_ids": batch["position_ids"], "attention_mask": prefix_shared_attention_mask(model, batch)}
         index, targets, response = batch["target_index"], batch["target_ids"], batch["target_response"]
-        kept = ranks.reshape(-1)[response] != IGNORE
-        if not bool(kept.all()):
-            index, targets, response = index[kept], targets[kept], response[kept]
     else:
         ids, inputs, index, targets, response = _padded_inputs(batch)
     if fused_linear:
@@ -198,4 +195,8 @@ def response_stats(
     sums = torch.zeros(2, B * S, dtype=logp.dtype, device=logp.device)
     sums = sums.index_add(1, response, torch.stack([logp, ent]))
     lengths = torch.bincount(response, minlength=B * S)
+    # A completion whose slot the caller set to IGNORE gets 0 (and no gradient), masked here rather than
+    # dropped from the targets above, which would need a device-to-host sync every step.
+    kept = ranks.reshape(-1) != IGNORE
+    sums, lengths = torch.where(kept, sums, 0.0), torch.where(kept, lengths, 0)
     return ResponseTokenStats(sums[0].reshape(B, S), sums[1].reshape(B, S), lengths.reshape(B, S))
