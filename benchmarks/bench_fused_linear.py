@@ -27,6 +27,9 @@ Implementations (``impl``), all from ``hidden [N, H]`` and ``weight [V, H]`` (bf
   math on CUDA, PyTorch chunk math on the CPU);
 - ``fused.torch``: the same with ``backend="torch"`` (CUDA only: cuBLAS + the PyTorch chunk math);
 - ``fused.noent``: ``fused``, ``entropy=False`` (log-prob only, like ``cce`` and ``liger``);
+- ``fused.eager``, ``fused.eager.noent`` (CPU): the same with ``ops_backend.CPU_COMPILE=False``,
+  the tile step run eagerly (what a machine without a C++ compiler gets; ``fused`` compiles it
+  where one is found, and its warm-up call pays the compile);
 - ``fused.tokens``, ``fused.tokens.noent`` (not run by default; CPU): the same with
   ``ops_backend.CPU_VOCAB_TILES=False``, the backward over token chunks as before the
   vocabulary tiles;
@@ -75,7 +78,8 @@ else:
     except ValueError:
         raise ValueError(f"RCPO_BENCH_FUSED: expected 'full', 'small' or NxHxV[,...], got {SIZE!r}") from None
 ROUNDS = 10 if DEVICE == "cuda" else 3
-IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch", "fused.noent", *FUSED_PEERS)
+IMPLS = ("naive", "naive.compile", "unfused", "fused", "fused.torch", "fused.noent", "fused.eager", "fused.eager.noent")
+IMPLS = (*IMPLS, *FUSED_PEERS)
 if os.environ.get("RCPO_BENCH_IMPLS"):
     IMPLS = tuple(i for i in os.environ["RCPO_BENCH_IMPLS"].split(",") if i)
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -104,13 +108,16 @@ def _impl(name: str):
     if name in FUSED_PEERS:
         return FUSED_PEERS[name]
     if name.startswith("fused") and DEVICE == "cpu":
-        # The CPU backward: over vocabulary tiles (default), or over token chunks as before them
-        # ("fused.tokens*"). Set at the start of each call and left so for the backward that follows.
+        # The CPU path: over vocabulary tiles (default), or over token chunks as before them
+        # ("fused.tokens*"); its tile step compiled where it can be (default) or eager ("fused.eager*").
+        # Set at the start of each call and left so for the backward that follows.
         tiles = None if not name.startswith("fused.tokens") else False
+        compiled = False if name.startswith("fused.eager") else None
         entropy = not name.endswith("noent")
 
         def cpu_fused(h, w, t):
             ops_backend.CPU_VOCAB_TILES = tiles
+            ops_backend.CPU_COMPILE = compiled
             logp, ent = fused_linear_token_stats(h, w, t, entropy=entropy, validate=False)
             return logp, ent if entropy else None
 
@@ -158,6 +165,8 @@ def cpu_peak_bytes(mode: str, impl: str, N: int, H: int, V: int, dtype: str, sta
 def test_fused_linear(benchmark, mode, impl, shape, dtype):
     if impl == "fused.torch" and DEVICE != "cuda":
         pytest.skip("on the CPU, fused already runs the PyTorch chunk math")
+    if impl.startswith("fused.eager") and DEVICE != "cpu":
+        pytest.skip("the compiled tile step is the CPU's")
     if impl in FUSED_PEERS and FUSED_PEERS[impl] is None:
         why = "needs CUDA" if impl == "liger" and DEVICE != "cuda" else "is not installed (pip install -e '.[bench]')"
         pytest.skip(f"{impl} {why}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 import time
+import warnings
 
 import torch
 from torch import Tensor
@@ -119,3 +121,70 @@ def cpu_vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
     if use_triton or cast or x.device.type != "cpu":
         return CPU_VOCAB_TILES is True and not use_triton and not cast
     return CPU_VOCAB_TILES is not False
+
+
+# The tile math of that path (rcpo_losses.reference.token_stats.tile_stats, tile_logits_grad) is a
+# handful of elementwise passes over each [rows, cols] tile; eager PyTorch runs each as its own
+# sweep through memory, inductor fuses them into one loop. None: compile where inductor can
+# build C++ (a compiler on the PATH; the first failure falls back to eager for the rest of the
+# process, with one warning); True/False: force it on or off. fp64 (the verification dtype) stays eager.
+CPU_COMPILE: bool | None = None
+_COMPILE_FAILED: list[BaseException] = []
+
+
+# Each distinct dtype, transform and set of optional gradients is one graph (shapes are dynamic);
+# dynamo's default of 8 per function would send a process that meets more of them back to eager.
+RECOMPILE_LIMIT = 64
+COMPILED_CALLS = [0]  # how many tile steps ran compiled (the tests check that they did)
+
+
+@functools.cache
+def _cpu_compiler_found() -> bool:
+    try:
+        from torch._inductor import config
+
+        names = [c for c in config.cpp.cxx if c] or ["g++"]
+    except Exception:  # an inductor without that setting: let the first compile decide
+        return True
+    return any(shutil.which(c) for c in names)
+
+
+def cpu_compile(dtype: torch.dtype) -> bool:
+    """Whether the CPU tile math for ``dtype`` runs compiled (see ``CPU_COMPILE`` above)."""
+    if _COMPILE_FAILED or dtype == torch.float64:
+        return False
+    return _cpu_compiler_found() if CPU_COMPILE is None else CPU_COMPILE
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def cpu_tile_step(fn, dtype: torch.dtype):
+    """``fn`` (a pure function of tensors), compiled with inductor when :func:`cpu_compile` allows, else itself.
+
+    A compile or run failure of the compiled ``fn`` (no working C++ toolchain, an inductor bug)
+    turns compilation off for the process and reruns the call eagerly.
+    """
+    if not cpu_compile(dtype):
+        return fn
+
+    def step(*args):
+        if not _COMPILE_FAILED:
+            try:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    out = _compiled(fn)(*args)
+                COMPILED_CALLS[0] += 1
+                return out
+            except Exception as e:  # noqa: BLE001 - any failure of the compiler means: run eagerly
+                _COMPILE_FAILED.append(e)
+                warnings.warn(
+                    f"rcpo_losses: compiling the CPU tile step failed ({type(e).__name__}: {e}); "
+                    "running it eagerly from now on (rcpo_losses.ops.backend.CPU_COMPILE = False silences this)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return fn(*args)
+
+    return step

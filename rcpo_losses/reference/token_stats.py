@@ -79,6 +79,11 @@ class LogitTransform(NamedTuple):
             return a / T
         return zt.mul_(T / c).square_().neg_().add_(1.0).mul_(a / T)  # (a / T) (1 - tanh^2)
 
+    def derivative(self, zt: Tensor) -> Tensor | float:
+        """:meth:`derivative_` out of place."""
+        a, c, T = self.logit_scale, self.softcap, self.temperature
+        return a / T if c is None else (a / T) * (1.0 - (zt * (T / c)).square())
+
     def reference(self, z: Tensor) -> Tensor:
         """``z'`` out of place, with plain autograd ops (the specification)."""
         a, c, T = self.logit_scale, self.softcap, self.temperature
@@ -213,10 +218,60 @@ def chunk_logits_grad(
     return g
 
 
+def tile_stats(z: Tensor, col: int, targets: Tensor, ignore_index: int, transform: LogitTransform | None) -> Tensor:
+    r"""Partial statistics ``[4, n]`` of one tile of vocabulary columns ``col:col + w``: ``(m, s, t, z_t)``.
+
+    For each row of the tile's logits ``z`` ``[n, w]`` (any float dtype; transformed here, out of place):
+
+        m = max_v z_v,   s = \sum_v e^{z_v - m},   t = \sum_v e^{z_v - m} (z_v - m),
+
+    and ``z_t`` the target's logit where the target lies in the tile (``-inf`` elsewhere). A row
+    whose tile is all ``-inf`` has no mass: ``s = t = 0``. :func:`combine_tiles` merges the tiles of
+    a row. Pure (no argument is written), so that it runs as it is or compiled
+    (:func:`rcpo_losses.ops.backend.cpu_tile_step`).
+    """
+    zf = z.to(compute_dtype(z.dtype))
+    if transform is not None:
+        zf = transform.reference(zf)
+    w = zf.shape[1]
+    m = zf.amax(dim=1)
+    d = zf - torch.where(m == -torch.inf, 0.0, m)[:, None]
+    e = torch.exp(d)
+    s = e.sum(dim=1)
+    t = (e * d.clamp(min=LOG_P_FLOOR)).sum(dim=1)  # 0 * (-inf) would be NaN where e underflows
+    local = targets - col
+    hit = (targets != ignore_index) & (local >= 0) & (local < w)
+    z_t = zf.gather(1, local.clamp(0, max(w - 1, 0))[:, None]).squeeze(1)
+    return torch.stack([m, s, t, torch.where(hit, z_t, -torch.inf)])
+
+
+def combine_tiles(stats: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(logp, entropy, lse)`` ``[n]`` from the :func:`tile_stats` of every tile of a row, ``stats`` ``[4, K, n]``.
+
+    The online-softmax merge, with ``M = max_k m_k``, ``\delta_k = m_k - M`` and ``S = \sum_k e^{\delta_k} s_k``:
+
+        lse = M + \log S,   \log p_t = (z_t - M) - \log S,
+        H = \log S - \sum_k e^{\delta_k} (t_k + \delta_k s_k) / S.
+
+    The shift is the largest logit itself, not a tile's ``lse`` (as :mod:`rcpo_losses.vocab_parallel`
+    merges ranks): ``z_t - M`` is exact where both are large (logits of 1e4 in fp32), and every term
+    of ``H`` is ``>= 0``, so nothing cancels. Rows whose target is ignored get ``logp = H = 0``.
+    """
+    m, s, t, z_t = stats
+    top = m.amax(dim=0)
+    top = torch.where(top == -torch.inf, 0.0, top)  # a row with every logit -inf: NaN below, as log_softmax gives
+    delta = (m - top).clamp(min=LOG_P_FLOOR)  # a tile with no mass: e^delta = 0, and delta * s = 0, not NaN
+    scale = torch.exp(delta)
+    total = (scale * s).sum(dim=0)
+    log_s = torch.log(total)
+    logp = (z_t.amax(dim=0) - top) - log_s
+    ent = log_s - (scale * (t + delta * s)).sum(dim=0) / total
+    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero), top + log_s
+
+
 def tile_logits_grad(
     z: Tensor,
-    log_p: Tensor,
-    p: Tensor,
     col: int,
     targets: Tensor,
     ignore_index: int,
@@ -224,36 +279,53 @@ def tile_logits_grad(
     ent: Tensor,
     g_logp: Tensor,
     g_ent: Tensor | None,
-    transform: LogitTransform | None = None,
-    g_lse: Tensor | None = None,
+    transform: LogitTransform | None,
+    g_lse: Tensor | None,
+    out_dtype: torch.dtype,
+    mask_rows: bool,
+    work: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """:func:`chunk_logits_grad` for a tile of vocabulary columns ``col:col + w`` of ``n`` rows: ``[n, w]``.
 
-    The tile does not hold whole rows, so ``p = exp(z - lse)`` comes from the forward's
-    ``lse`` instead of a softmax, and the one-hot term lands only in the rows whose target
-    is in the tile. ``z``: the tile's logits, in any float dtype (a bf16 GEMM's output is
-    read as it is); with a ``transform``, the transformed logits in the compute dtype, which
-    are overwritten. ``log_p``, ``p``: compute-dtype scratch; the gradient is formed in
-    ``log_p``'s buffer and returned.
+    The tile does not hold whole rows, so ``p = exp(z - lse)`` comes from the forward's ``lse``
+    instead of a softmax. The one-hot term ``+ g_logp 1{v = t}`` is added to the target's entry
+    in the compute dtype, before the one rounding to ``out_dtype``: the target column is
+    formed on its own (``[n, 1]``) and written over the tile's. ``z``: the tile's logits, in any
+    float dtype (a bf16 GEMM's output is read as it is; never written). ``mask_rows``: some
+    target is ``ignore_index``, and those rows must be 0 even if their ``lse`` is NaN. Pure (no
+    argument is written) when ``work`` is None, so that it compiles
+    (:func:`rcpo_losses.ops.backend.cpu_tile_step`); eagerly, ``work`` holds two compute-dtype
+    scratch tiles and a tile in ``out_dtype`` for the result, which may be ``z``'s own buffer.
     """
     w = z.shape[1]
-    valid = targets != ignore_index
     gp = g_logp if g_lse is None else g_logp - g_lse  # the weight of the -p term
-    torch.sub(z, lse[:, None], out=log_p).clamp_(min=LOG_P_FLOOR)
-    torch.exp(log_p, out=p)
-    if g_ent is None:
-        g = torch.mul(p, -gp[:, None], out=log_p)  # -p * g_logp
-    else:
-        # -p * (g_logp + g_ent * (log p + H)), in place in log_p's buffer
-        g = log_p.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(gp[:, None]).mul_(p)
+
+    def grad(zc: Tensor, onehot: Tensor | None = None, work=None) -> Tensor:  # -p (g_logp + g_ent (log p + H)) + onehot
+        # In place only on fresh tensors or on ``work`` (eager): compiled, the passes fuse into one loop.
+        zt = zc if transform is None else transform.reference(zc.to(lse.dtype))
+        log_p = torch.sub(zt, lse[:, None], out=None if work is None else work[0])  # bf16 - fp32: fp32, no copy
+        log_p.clamp_(min=LOG_P_FLOOR)
+        p = torch.exp(log_p, out=None if work is None else work[1])
+        if g_ent is None:
+            g = p.mul_(-gp[:, None])
+        else:
+            g = log_p.add_(ent[:, None]).mul_(g_ent[:, None]).add_(gp[:, None]).mul_(p).neg_()
+        if onehot is not None:
+            g.add_(onehot)
+        return g if transform is None else g.mul_(transform.derivative(zt))  # chain rule through z' = transform(z)
+
     local = targets - col
-    hit = valid & (local >= 0) & (local < w)
-    g.scatter_add_(1, local.clamp(0, max(w - 1, 0))[:, None], torch.where(hit, g_logp, 0.0)[:, None])
-    if transform is not None:
-        g.mul_(transform.derivative_(z))  # chain rule through z' = transform(z)
-    if z.device.type != "cpu" or not bool(valid.all()):  # a free check on the CPU, where this runs
-        g.masked_fill_(~valid[:, None], 0)  # ignored rows: 0 even if their lse is NaN
-    return g
+    hit = (targets != ignore_index) & (local >= 0) & (local < w)
+    index = local.clamp(0, max(w - 1, 0))[:, None]
+    target_col = grad(z.gather(1, index), torch.where(hit, g_logp, 0.0)[:, None])
+    g = grad(z, None, None if work is None else [x[: z.shape[0], :w] for x in work])
+    if mask_rows:
+        invalid = (targets == ignore_index)[:, None]
+        g.masked_fill_(invalid, 0.0)
+        target_col.masked_fill_(invalid, 0.0)
+    low = work is not None and g.dtype != out_dtype
+    out = work[2][: z.shape[0], :w].copy_(g) if low else g.to(out_dtype)  # (the logits' buffer: read already)
+    return out.scatter_(1, index, target_col.to(out_dtype))
 
 
 class TokenStats(torch.autograd.Function):
