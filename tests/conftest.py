@@ -1,5 +1,12 @@
 import os
 
+# The CPU tile step of the fused LM head runs compiled by default where a C++ compiler is found
+# (rcpo_losses.ops.backend.CPU_COMPILE). Each new dtype or transform is a compile of seconds, so
+# the suite (and the processes it spawns, through the environment) runs the eager twin, and
+# tests/test_fused_linear_compiled.py turns compilation on and compares the two.
+# RCPO_LOSSES_CPU_COMPILE=1 runs the whole suite compiled.
+os.environ.setdefault("RCPO_LOSSES_CPU_COMPILE", "0")
+
 import torch  # does not import triton
 
 # The Triton interpreter must be on before triton is first imported: with no GPU, the
@@ -26,11 +33,3 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
-# The CPU tile step of the fused LM head runs compiled by default where a C++ compiler is found
-# (rcpo_losses.ops.backend.CPU_COMPILE). Each new dtype or transform is a compile of seconds, so
-# the suite runs the eager twin, and tests/test_fused_linear_compiled.py turns compilation on
-# and compares the two. RCPO_LOSSES_TEST_COMPILE=1 runs the whole suite compiled.
-from rcpo_losses.ops import backend as _backend  # noqa: E402
-
-_backend.CPU_COMPILE = os.environ.get("RCPO_LOSSES_TEST_COMPILE") == "1"

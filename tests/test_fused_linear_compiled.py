@@ -4,6 +4,10 @@ where a C++ compiler is found) against the fp64 reference and the eager twin; th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -153,3 +157,12 @@ def test_a_row_with_every_logit_minus_inf_is_nan_as_log_softmax_gives():
     t = torch.tensor([1, 2])
     logp, ent, _ = _split_stats(z, t, [1])
     assert logp[0].isnan() and logp[1] == -torch.inf and ent[1].isfinite()
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", "False"), ("1", "True"), ("", "None")])
+def test_the_environment_variable_sets_cpu_compile(value, want):
+    env = {k: v for k, v in os.environ.items() if k != "RCPO_LOSSES_CPU_COMPILE"}
+    env["RCPO_LOSSES_CPU_COMPILE"] = value
+    code = "from rcpo_losses.ops import backend; print(backend.CPU_COMPILE)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want

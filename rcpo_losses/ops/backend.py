@@ -128,7 +128,8 @@ def cpu_vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
 # sweep through memory, inductor fuses them into one loop. None: compile where inductor can
 # build C++ (a compiler on the PATH; the first failure falls back to eager for the rest of the
 # process, with one warning); True/False: force it on or off. fp64 (the verification dtype) stays eager.
-CPU_COMPILE: bool | None = None
+# The environment variable RCPO_LOSSES_CPU_COMPILE=0 or =1 sets it for a process and its children.
+CPU_COMPILE: bool | None = {"0": False, "1": True}.get(os.environ.get("RCPO_LOSSES_CPU_COMPILE", ""))
 _COMPILE_FAILED: list[BaseException] = []
 
 
