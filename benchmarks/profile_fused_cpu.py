@@ -8,6 +8,8 @@ matmuls (``mm``, ``addmm``, ``addmm_``: a GEMM accumulating into its output), th
 conversions (``copy_``, ``to``, ``clone``), the accumulation into fp32 (``add_`` of a bf16
 ``[V, H]`` or ``[N, H]`` product into an fp32 buffer) and the
 chunk statistics (everything else: ``log_softmax``, ``softmax``, ``exp``, ``amax``, ``mul``, ...).
+Where the tile step runs compiled (``rcpo_losses.ops.backend.CPU_COMPILE``, the default where a C++
+compiler is found; ``--eager`` turns it off), its inductor kernels are the group ``compiled tile step``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ GROUPS = {
 }
 
 
+COMPILED = "CompiledFxGraph"  # the profiler's name for a call of an inductor graph
+
+
 def group_of(name: str) -> str:
+    if COMPILED in name:
+        return "compiled tile step"
     return next((g for g, names in GROUPS.items() if name in names), "chunk statistics")
 
 
@@ -40,7 +47,10 @@ def main() -> None:
     p.add_argument("--no-entropy", action="store_true")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--token-chunks", action="store_true", help="the backward over token chunks (as before)")
+    p.add_argument("--eager", action="store_true", help="the tile step eagerly (CPU_COMPILE = False)")
     args = p.parse_args()
+    if args.eager:
+        backend.CPU_COMPILE = False
     if args.token_chunks:
         backend.CPU_VOCAB_TILES = False
     g = torch.Generator().manual_seed(0)
@@ -58,7 +68,7 @@ def main() -> None:
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::") or COMPILED in e.key]
         total = sum(e.self_cpu_time_total for e in events)
         split: dict[str, float] = {}
         for e in events:
@@ -66,12 +76,14 @@ def main() -> None:
         print(
             f"\n{name}, N={args.n} H={args.h} V={args.v}, entropy={not args.no_entropy}, "
             f"backward over {'token chunks' if args.token_chunks else 'vocabulary tiles'}, "
+            f"tile step {'eager' if not backend.cpu_compile(dtype) else 'compiled'}, "
             f"threads {torch.get_num_threads()}: {total / 1e3:.0f} ms of aten self time"
         )
         for group, us in sorted(split.items(), key=lambda kv: -kv[1]):
             print(f"  {group:<18} {us / 1e3:8.0f} ms  {100 * us / total:5.1f}%")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-            print(f"    {e.key:<28} {e.self_cpu_time_total / 1e3:8.1f} ms  x{e.count}")
+            key = "compiled graph " + e.key.split(COMPILED)[1].split()[0][:8] if COMPILED in e.key else e.key
+            print(f"    {key:<28} {e.self_cpu_time_total / 1e3:8.1f} ms  x{e.count}")
 
 
 if __name__ == "__main__":

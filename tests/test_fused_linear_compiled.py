@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rcpo_losses import fused_linear_token_stats
 from rcpo_losses.ops import backend
 from rcpo_losses.ops import fused_linear as fused_linear_op
-from rcpo_losses.reference.token_stats import combine_tiles, tile_stats
+from rcpo_losses.reference.token_stats import combine_tiles, tile_local_targets, tile_stats
 
 from .test_fused_linear import TOL, assert_matches_reference, make_inputs, run_fused
 
@@ -105,8 +105,10 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
 
 def _split_stats(z: torch.Tensor, t: torch.Tensor, cuts: list[int], ignore_index: int = -100):
     bounds = [0, *cuts, z.shape[1]]
-    stats = [tile_stats(z[:, a:b], a, t, ignore_index, None) for a, b in zip(bounds, bounds[1:], strict=False)]
-    return combine_tiles(torch.stack(stats, dim=1), t != ignore_index)
+    valid = t != ignore_index
+    pairs = zip(bounds, bounds[1:], strict=False)
+    stats = [tile_stats(z[:, a:b], tile_local_targets(t, a, valid), None) for a, b in pairs]
+    return combine_tiles(torch.stack(stats, dim=1), valid)
 
 
 @given(

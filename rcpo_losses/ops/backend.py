@@ -159,11 +159,17 @@ def cpu_compile(dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(fn, fullgraph=True)
 
 
 def cpu_tile_step(fn, dtype: torch.dtype):
     """``fn`` (a pure function of tensors), compiled with inductor when :func:`cpu_compile` allows, else itself.
+
+    Only the leading (token) dimension of the tensor arguments is dynamic: every other size, and
+    every non-tensor argument, is fixed per graph. A tile's width is its inner loop, and a fixed
+    width let inductor emit code 1.4x (fp32 tile statistics) to 2.9x (fp32 logits gradient)
+    faster than fully dynamic shapes, at the price of one graph per width (two per vocabulary:
+    the full tiles and the last).
 
     A compile or run failure of the compiled ``fn`` (no working C++ toolchain, an inductor bug)
     turns compilation off for the process and reruns the call eagerly.
@@ -174,7 +180,11 @@ def cpu_tile_step(fn, dtype: torch.dtype):
     def step(*args):
         if not _COMPILE_FAILED:
             try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                for x in args:
+                    if isinstance(x, Tensor) and x.dim():
+                        torch._dynamo.maybe_mark_dynamic(x, 0)
+                config = {"recompile_limit": RECOMPILE_LIMIT, "automatic_dynamic_shapes": False}
+                with torch._dynamo.config.patch(**config):
                     out = _compiled(fn)(*args)
                 COMPILED_CALLS[0] += 1
                 return out

@@ -27,6 +27,7 @@ from ..reference.token_stats import (
     chunk_stats,
     combine_tiles,
     compute_dtype,
+    tile_local_targets,
     tile_logits_grad,
     tile_stats,
     transform_from_args,
@@ -130,14 +131,15 @@ def _forward_vocab_tiles(
     stats = hidden.new_empty((4, -(-V // cols), N), dtype=dtype)
     z_buf = hidden.new_empty((rows, cols))
     step = cpu_tile_step(tile_stats, hidden.dtype)
+    valid = targets != ignore_index
     for k, c0 in enumerate(range(0, V, cols)):
         c1 = min(c0 + cols, V)
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)
             b = None if bias is None else bias[c0:c1]
             z = _linear(hidden[r0:r1], weight[c0:c1], b, z_buf[: r1 - r0, : c1 - c0])
-            stats[:, k, r0:r1] = step(z, c0, targets[r0:r1], ignore_index, transform)
-    return combine_tiles(stats, targets != ignore_index)
+            stats[:, k, r0:r1] = step(z, tile_local_targets(targets[r0:r1], c0, valid[r0:r1]), transform)
+    return combine_tiles(stats, valid)
 
 
 def _backward_vocab_tiles(
@@ -169,7 +171,8 @@ def _backward_vocab_tiles(
     h_acc = None if grad_h is None else (torch.zeros((N, H), dtype=dtype) if low else grad_h.zero_())
     grad_w = weight.new_empty((V, H)) if need_weight else None
     w_acc = torch.empty((cols, H), dtype=dtype) if need_weight and rows < N else None
-    mask_rows = not bool((targets != ignore_index).all())  # free on the CPU, where this runs
+    valid = targets != ignore_index
+    mask = None if bool(valid.all()) else valid  # free on the CPU, where this runs
     step = cpu_tile_step(tile_logits_grad, hidden.dtype)
     # eager: two reused fp32 scratch tiles (fresh 8 MiB temporaries per tile cost page faults), and the
     # logits' own buffer for the gradient in the GEMMs' dtype
@@ -184,9 +187,10 @@ def _backward_vocab_tiles(
             r1 = min(r0 + rows, N)
             n, h = r1 - r0, hidden[r0:r1]
             z = _linear(h, W, None if bias is None else bias[c0:c1], z_buf[:n, :w])  # recompute the tile's logits
-            rows_of = [None if x is None else x[r0:r1] for x in (targets, lse, ent, g_logp, g_ent, g_lse)]
-            t, lse_r, ent_r, gl, ge, gs = rows_of
-            g = step(z, c0, t, ignore_index, lse_r, ent_r, gl, ge, transform, gs, hidden.dtype, mask_rows, work)
+            rows_of = [None if x is None else x[r0:r1] for x in (valid, mask, lse, ent, g_logp, g_ent, g_lse)]
+            ok, mask_r, lse_r, ent_r, gl, ge, gs = rows_of
+            local = tile_local_targets(targets[r0:r1], c0, ok)
+            g = step(z, local, mask_r, lse_r, ent_r, gl, ge, transform, gs, hidden.dtype, work)
             if grad_b is not None:
                 grad_b[c0:c1] += g.sum(0, dtype=grad_b.dtype)
             if h_acc is not None:

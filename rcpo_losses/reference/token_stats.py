@@ -218,14 +218,24 @@ def chunk_logits_grad(
     return g
 
 
-def tile_stats(z: Tensor, col: int, targets: Tensor, ignore_index: int, transform: LogitTransform | None) -> Tensor:
-    r"""Partial statistics ``[4, n]`` of one tile of vocabulary columns ``col:col + w``: ``(m, s, t, z_t)``.
+def tile_local_targets(targets: Tensor, col: int, valid: Tensor) -> Tensor:
+    """The targets' columns in the tile that starts at vocabulary column ``col``; ``-1`` for ignored rows.
+
+    A target in another tile is out of ``[0, w)`` too, so the tile functions need no column offset
+    or ``ignore_index`` (which, as Python ints, a compiled function would be specialized on).
+    """
+    return torch.where(valid, targets - col, -1)
+
+
+def tile_stats(z: Tensor, local: Tensor, transform: LogitTransform | None) -> Tensor:
+    r"""Partial statistics ``[4, n]`` of one tile of vocabulary columns: ``(m, s, t, z_t)``.
 
     For each row of the tile's logits ``z`` ``[n, w]`` (any float dtype; transformed here, out of place):
 
         m = max_v z_v,   s = \sum_v e^{z_v - m},   t = \sum_v e^{z_v - m} (z_v - m),
 
-    and ``z_t`` the target's logit where the target lies in the tile (``-inf`` elsewhere). A row
+    and ``z_t`` the target's logit where the target lies in the tile, ``local`` (from
+    :func:`tile_local_targets`) in ``[0, w)``; ``-inf`` elsewhere. A row
     whose tile is all ``-inf`` has no mass: ``s = t = 0``. :func:`combine_tiles` merges the tiles of
     a row. Pure (no argument is written), so that it runs as it is or compiled
     (:func:`rcpo_losses.ops.backend.cpu_tile_step`).
@@ -239,8 +249,7 @@ def tile_stats(z: Tensor, col: int, targets: Tensor, ignore_index: int, transfor
     e = torch.exp(d)
     s = e.sum(dim=1)
     t = (e * d.clamp(min=LOG_P_FLOOR)).sum(dim=1)  # 0 * (-inf) would be NaN where e underflows
-    local = targets - col
-    hit = (targets != ignore_index) & (local >= 0) & (local < w)
+    hit = (local >= 0) & (local < w)
     z_t = zf.gather(1, local.clamp(0, max(w - 1, 0))[:, None]).squeeze(1)
     return torch.stack([m, s, t, torch.where(hit, z_t, -torch.inf)])
 
@@ -272,9 +281,8 @@ def combine_tiles(stats: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 def tile_logits_grad(
     z: Tensor,
-    col: int,
-    targets: Tensor,
-    ignore_index: int,
+    local: Tensor,
+    valid: Tensor | None,
     lse: Tensor,
     ent: Tensor,
     g_logp: Tensor,
@@ -282,17 +290,17 @@ def tile_logits_grad(
     transform: LogitTransform | None,
     g_lse: Tensor | None,
     out_dtype: torch.dtype,
-    mask_rows: bool,
     work: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """:func:`chunk_logits_grad` for a tile of vocabulary columns ``col:col + w`` of ``n`` rows: ``[n, w]``.
+    """:func:`chunk_logits_grad` for a tile of ``w`` vocabulary columns of ``n`` rows: ``[n, w]``.
 
     The tile does not hold whole rows, so ``p = exp(z - lse)`` comes from the forward's ``lse``
     instead of a softmax. The one-hot term ``+ g_logp 1{v = t}`` is added to the target's entry
     in the compute dtype, before the one rounding to ``out_dtype``: the target column is
     formed on its own (``[n, 1]``) and written over the tile's. ``z``: the tile's logits, in any
-    float dtype (a bf16 GEMM's output is read as it is; never written). ``mask_rows``: some
-    target is ``ignore_index``, and those rows must be 0 even if their ``lse`` is NaN. Pure (no
+    float dtype (a bf16 GEMM's output is read as it is; never written). ``local``: the targets'
+    columns in the tile (:func:`tile_local_targets`). ``valid``: None when no target is ignored,
+    else the rows to keep (the others are 0 even if their ``lse`` is NaN). Pure (no
     argument is written) when ``work`` is None, so that it compiles
     (:func:`rcpo_losses.ops.backend.cpu_tile_step`); eagerly, ``work`` holds two compute-dtype
     scratch tiles and a tile in ``out_dtype`` for the result, which may be ``z``'s own buffer.
@@ -314,13 +322,12 @@ def tile_logits_grad(
             g.add_(onehot)
         return g if transform is None else g.mul_(transform.derivative(zt))  # chain rule through z' = transform(z)
 
-    local = targets - col
-    hit = (targets != ignore_index) & (local >= 0) & (local < w)
+    hit = (local >= 0) & (local < w)
     index = local.clamp(0, max(w - 1, 0))[:, None]
     target_col = grad(z.gather(1, index), torch.where(hit, g_logp, 0.0)[:, None])
     g = grad(z, None, None if work is None else [x[: z.shape[0], :w] for x in work])
-    if mask_rows:
-        invalid = (targets == ignore_index)[:, None]
+    if valid is not None:
+        invalid = ~valid[:, None]
         g.masked_fill_(invalid, 0.0)
         target_col.masked_fill_(invalid, 0.0)
     low = work is not None and g.dtype != out_dtype
