@@ -332,7 +332,9 @@ def tile_logits_grad(
         target_col.masked_fill_(invalid, 0.0)
     low = work is not None and g.dtype != out_dtype
     out = work[2][: z.shape[0], :w].copy_(g) if low else g.to(out_dtype)  # (the logits' buffer: read already)
-    return out.scatter_(1, index, target_col.to(out_dtype))
+    # index_put_, not scatter_: the CPU's bf16 scatter_ copied the whole tile (0.6 ms of 2048 x 1024)
+    rows = torch.arange(out.shape[0], device=out.device)
+    return out.index_put_((rows, index[:, 0]), target_col[:, 0].to(out_dtype))
 
 
 class TokenStats(torch.autograd.Function):
