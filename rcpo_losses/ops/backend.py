@@ -133,8 +133,9 @@ CPU_COMPILE: bool | None = {"0": False, "1": True}.get(os.environ.get("RCPO_LOSS
 _COMPILE_FAILED: list[BaseException] = []
 
 
-# Each distinct dtype, transform and set of optional gradients is one graph (shapes are dynamic);
-# dynamo's default of 8 per function would send a process that meets more of them back to eager.
+# Each distinct dtype, transform, tile width and set of optional gradients is one graph (only the
+# token dimension is dynamic); dynamo's default of 8 per function would send a process that meets
+# more of them back to eager.
 RECOMPILE_LIMIT = 64
 COMPILED_CALLS = [0]  # how many tile steps ran compiled (the tests check that they did)
 

@@ -176,8 +176,9 @@ def _backward_vocab_tiles(
     step = cpu_tile_step(tile_logits_grad, hidden.dtype)
     # eager: two reused fp32 scratch tiles (fresh 8 MiB temporaries per tile cost page faults), and the
     # logits' own buffer for the gradient in the GEMMs' dtype
-    work = None if cpu_compile(hidden.dtype) else [hidden.new_empty((rows, cols), dtype=dtype) for _ in range(2)]
-    work = None if work is None else (*work, z_buf)
+    work = None
+    if not cpu_compile(hidden.dtype):
+        work = (*(hidden.new_empty((rows, cols), dtype=dtype) for _ in range(2)), z_buf)
     for c0 in range(0, V, cols):
         c1 = min(c0 + cols, V)
         w, W = c1 - c0, weight[c0:c1]
