@@ -194,6 +194,13 @@ _TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
 _HALF_TOLERANCE = 4e-2
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts matmuls to on ``device``'s type right now, or None when it is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, positions: int = 4) -> None:
     r"""Raise ``ValueError`` unless ``spec`` reproduces ``model(...).logits`` on ``positions`` tokens.
 
@@ -202,7 +209,10 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     ``torch.no_grad()`` (every module's train/eval flag is restored after), and compares
     :math:`c \tanh(a (h W^\top + b) / c)`, from ``spec`` and ``hidden_states[-1]``, with the
     logits: :math:`\max |z_{spec} - z| \le \epsilon \max |z|`, ``eps = 1e-6`` in fp64,
-    ``2e-3`` in fp32 (TF32 products), ``4e-2`` for bf16/fp16 or under autocast. A mismatch means
+    ``2e-3`` in fp32 (TF32 products), ``4e-2`` for bf16/fp16 or under autocast. Like with like: the
+    product :math:`h W^\top + b` is recomputed under the autocast the head ran under, as a hook on
+    the head sees it inside the forward (accelerate, for ``Trainer``'s ``bf16=True`` / ``fp16=True``,
+    wraps ``model.forward`` in autocast and casts its outputs back to fp32). A mismatch means
     the forward transforms the logits in a way the spec does not know, or ``hidden_states[-1]``
     is not what its head reads. ``lm_head_spec`` calls it once per (model class, head class, config).
     """
@@ -213,6 +223,10 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     device = getattr(embeddings, "weight", spec.weight).device
     V = spec.weight.shape[0]
     ids = torch.linspace(1, V - 1, positions, device=device).long()[None]
+    # The autocast the head runs under, seen from inside the forward: accelerate (Trainer's bf16=True / fp16=True)
+    # wraps model.forward in autocast and casts the outputs back to fp32, so none shows from out here.
+    seen: list[torch.dtype | None] = []
+    hook = inner.get_output_embeddings().register_forward_pre_hook(lambda *_: seen.append(_autocast_dtype(device)))
     modes = [(m, m.training) for m in inner.modules()]
     try:
         inner.eval()
@@ -232,15 +246,24 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
             if not hidden:
                 raise TypeError(f"model: {name} returned no hidden_states")
             want = out.logits.double()
-            h = hidden[-1].to(want.dtype)
-            z = nn.functional.linear(h, spec.weight.to(h.dtype), None if spec.bias is None else spec.bias.to(h.dtype))
+            amp = seen[-1] if seen else _autocast_dtype(device)
+            # Like with like: the head's product under the autocast the model's head ran under, the transform in fp64.
+            if amp is None:
+                h = hidden[-1].to(want.dtype)
+                z = nn.functional.linear(
+                    h, spec.weight.to(h.dtype), None if spec.bias is None else spec.bias.to(h.dtype)
+                )
+            else:
+                with torch.autocast(device.type, dtype=amp):
+                    z = nn.functional.linear(hidden[-1], spec.weight, spec.bias).double()
             transform = LogitTransform.make(spec.softcap, spec.logit_scale, 1.0)
             got = z if transform is None else transform.reference(z)
     finally:
+        hook.remove()
         for m, training in modes:
             m.training = training
     dtypes = {out.logits.dtype, hidden[-1].dtype, spec.weight.dtype}
-    half = bool(dtypes & {torch.bfloat16, torch.float16}) or torch.is_autocast_enabled(device.type)
+    half = bool(dtypes & {torch.bfloat16, torch.float16}) or amp is not None
     eps = _HALF_TOLERANCE if half else max(_TOLERANCE.get(d, _HALF_TOLERANCE) for d in dtypes)
     err, scale = float((got - want).abs().max()), float(want.abs().max())
     if not err <= eps * scale:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def tokenizer():
     return train_rcpo.build_tokenizer(load_dataset("json", data_files=str(DATA), split="train"))
 
 
-def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no")
+def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, bf16=False, **kwargs):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no",
+                             bf16=bf16)  # fmt: skip
     model = tiny_llama(vocab_size=len(tokenizer), seed=0) if model is None else model
     return RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss,
                        beta=0.5, **kwargs)  # fmt: skip
@@ -326,3 +328,22 @@ def test_each_evaluation_reports_its_own_rows_under_its_own_prefix(tokenizer, tm
     assert not [k for k in both if "/" in k and not k.startswith(("eval_a_", "eval_b_"))], both
     logged = [h for h in trainer.state.log_history if "eval_b_loss" in h][-1]
     assert ours(logged, "eval_b") == ours(other, "test") and not leaked(logged, "eval_b"), logged
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_trains_with_bf16_autocast(tokenizer, tmp_path, monkeypatch, layout, fused):
+    """bf16=True: accelerate runs the forward under (CPU) autocast; the first-seen head check runs there too."""
+    import rcpo_losses.lm_head as lm_head
+
+    monkeypatch.setattr(lm_head, "_VERIFIED", set())  # the check must run inside the trainer's wrapped forward
+    trainer = make_trainer(tokenizer, tmp_path, fused_linear=fused, layout=layout, bf16=True)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert hasattr(trainer.model, "_original_forward")  # accelerate did wrap the forward in autocast
+    assert bool(lm_head._VERIFIED) == fused
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [
+        trainer.state.log_history[-1]["train_loss"]
+    ]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before, strict=True))
