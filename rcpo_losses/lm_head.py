@@ -16,7 +16,9 @@ positions (:func:`check_lm_head_spec`, one small forward); ``VERIFY = False`` he
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -65,6 +67,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             )
         model = inner
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block; every module's own train/eval flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _check_no_active_lora(head: nn.Module) -> None:
@@ -227,10 +240,8 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     # wraps model.forward in autocast and casts the outputs back to fp32, so none shows from out here.
     seen: list[torch.dtype | None] = []
     hook = inner.get_output_embeddings().register_forward_pre_hook(lambda *_: seen.append(_autocast_dtype(device)))
-    modes = [(m, m.training) for m in inner.modules()]
     try:
-        inner.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(inner):
             try:
                 out = inner(
                     input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
@@ -260,8 +271,6 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
             got = z if transform is None else transform.reference(z)
     finally:
         hook.remove()
-        for m, training in modes:
-            m.training = training
     dtypes = {out.logits.dtype, hidden[-1].dtype, spec.weight.dtype}
     half = bool(dtypes & {torch.bfloat16, torch.float16}) or amp is not None
     eps = _HALF_TOLERANCE if half else max(_TOLERANCE.get(d, _HALF_TOLERANCE) for d in dtypes)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import REF_COLUMNS
+from .lm_head import eval_mode
 from .model_stats import response_stats
 from .tokens import ResponseTokenStats
 
@@ -86,10 +87,8 @@ def precompute_reference_stats(
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # no dropout: the reference statistics are those of the model itself
     columns: dict[str, list[list[float]]] = {name: [] for name in REF_COLUMNS}
-    try:
+    with eval_mode(model):  # no dropout: the reference statistics are those of the model itself
         for start in tqdm(range(0, len(rows), batch_size), desc="reference statistics", disable=not progress):
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
             chunk = [{k: v for k, v in row.items() if k not in REF_COLUMNS} for row in chunk]
@@ -99,8 +98,6 @@ def precompute_reference_stats(
                 n = len(row["completions"])
                 for name, values in zip(REF_COLUMNS, found, strict=True):
                     columns[name].append(values[b, :n].tolist())
-    finally:
-        model.train(was_training)
     out = with_reference_columns(rows, columns)
     if output is not None and not is_dataset:
         with open(output, "w") as f:

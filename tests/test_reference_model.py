@@ -288,3 +288,25 @@ def test_peft_precompute_is_the_base(tokenizer, tmp_path):  # noqa: F811
     for name, value in zip(REF_COLUMNS, want, strict=True):
         torch.testing.assert_close(batch[name], value, rtol=1e-5, atol=1e-5, msg=name)
     assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))  # adapters back on
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_peft_reference_runs_in_eval_mode(tokenizer, tmp_path, layout):  # noqa: F811
+    """With dropout in the base model, the PEFT reference is still the base in eval mode: the same every call."""
+    model = peft_llama(len(tokenizer), ["q_proj", "v_proj"])
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    base = tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    trainer = make_trainer(tokenizer, tmp_path, model=model, **LAYOUTS[layout])
+    batch = trainer.data_collator(ROWS)
+    model.train()
+    model.base_model.model.model.layers[0].eval()  # a mixed train/eval state, restored as it was
+    modes = [m.training for m in model.modules()]
+    with torch.no_grad():
+        want = trainer.response_stats(base, batch)
+        for _ in range(2):
+            got = trainer.reference_stats(model, batch)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [m.training for m in model.modules()] == modes

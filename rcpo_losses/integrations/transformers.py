@@ -25,6 +25,7 @@ from transformers import Trainer
 from .. import nn as rcpo_nn
 from ..data import REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
+from ..lm_head import eval_mode
 from ..metrics import ranking_metrics
 from ..mnl import mnl_topk
 from ..model_stats import prefix_shared_support, response_stats
@@ -107,7 +108,8 @@ class RCPOTrainer(Trainer):
         model: the policy, a causal LM.
         ref_model: the reference model; ``None``: a frozen copy of ``model`` made here, before
             training, or for a PEFT model the model with its adapters disabled
-            (``model.disable_adapter()``, no copy). Pass it explicitly when resuming from a
+            (``model.disable_adapter()``, no copy). Every route runs the reference in eval mode
+            (no dropout; the policy's train/eval flags are restored after). Pass it explicitly when resuming from a
             checkpoint. It is prepared by the trainer's accelerator as the policy is (sharded
             under FSDP and DeepSpeed ZeRO-3, :func:`prepare_reference_model`), in eval mode.
         args: ``TrainingArguments``. A TRL ``DPOConfig`` (or any arguments with ``beta``,
@@ -248,11 +250,16 @@ class RCPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ the reference model
 
+    @contextlib.contextmanager
     def reference_context(self, model):
-        """Where the reference runs: ``model.disable_adapter()`` for the PEFT base, else nothing."""
-        if self.peft_reference:
-            return self.accelerator.unwrap_model(model).disable_adapter()
-        return contextlib.nullcontext()
+        """Where the reference runs: eval mode (no dropout), inside ``model.disable_adapter()`` for the PEFT base.
+
+        ``model`` is the reference itself, or the policy for the PEFT base; every module's
+        train/eval flag is restored after.
+        """
+        inner = self.accelerator.unwrap_model(model)
+        with eval_mode(inner), inner.disable_adapter() if self.peft_reference else contextlib.nullcontext():
+            yield
 
     def reference_stats(self, model, inputs: dict[str, Tensor]) -> ResponseTokenStats:
         """The reference statistics ``[B, S]``: the batch's precomputed ``ref_*`` columns, or a no-grad forward.
@@ -267,8 +274,9 @@ class RCPOTrainer(Trainer):
                 "inputs: the batch has no precomputed ref_logps / ref_entropy_sums / ref_lengths and the trainer "
                 "holds no reference model; precompute them for every dataset (precompute_ref=True)"
             )
-        with torch.no_grad(), self.reference_context(model):
-            stats = self.response_stats(model if self.ref_model is None else self.ref_model, inputs)
+        reference = model if self.ref_model is None else self.ref_model
+        with torch.no_grad(), self.reference_context(reference):
+            stats = self.response_stats(reference, inputs)
         if self.ref_model is not None:
             release_reference(self.ref_model)  # an FSDP2 reference's root goes back to its shard
         return stats
@@ -286,7 +294,7 @@ class RCPOTrainer(Trainer):
             if rows is None or has_reference_stats(rows):
                 return rows
             mine = [rows[i] for i in range(rank, len(rows), world)]
-            with self.reference_context(self.model):
+            with self.reference_context(reference):
                 part = precompute_reference_stats(
                     reference, mine, self.data_collator, batch_size=self.args.per_device_eval_batch_size,
                     fused_linear=self.fused_linear,
