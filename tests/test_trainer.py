@@ -60,11 +60,11 @@ def tokenizer():
     return train_rcpo.build_tokenizer(load_dataset("json", data_files=str(DATA), split="train"))
 
 
-def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, bf16=False, **kwargs):
+def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, bf16=False, train_dataset=ROWS, **kwargs):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no",
                              bf16=bf16)  # fmt: skip
     model = tiny_llama(vocab_size=len(tokenizer), seed=0) if model is None else model
-    return RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss,
+    return RCPOTrainer(model, args=args, train_dataset=train_dataset, processing_class=tokenizer, loss=loss,
                        beta=0.5, **kwargs)  # fmt: skip
 
 
@@ -245,6 +245,10 @@ def test_bad_arguments(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, loss="mnl_pairwise", k=1)  # top-1 lists have no worst response
     with pytest.raises(ValueError, match=r"ranks\[0\]: a pairwise loss compares the best and the worst"):
         trainer.compute_loss(trainer.model, trainer.data_collator(ROWS))
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="ref_model: is the policy model itself"):
+        RCPOTrainer(model, model, args=args, train_dataset=ROWS, processing_class=tokenizer)
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
 
 
 def test_top_bottom_and_kendall_tau():
@@ -347,3 +351,17 @@ def test_trains_with_bf16_autocast(tokenizer, tmp_path, monkeypatch, layout, fus
     ]
     assert all(math.isfinite(x) for x in losses), losses
     assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before, strict=True))
+
+
+def test_an_override_of_response_stats_is_used_by_the_precomputed_reference(tokenizer, tmp_path):
+    class Tempered(RCPOTrainer):
+        def response_stats(self, model, inputs, *, entropy=True):
+            stats = super().response_stats(model, inputs, entropy=entropy)
+            return stats._replace(logps=stats.logps / 2)  # e.g. temperature 2
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, save_strategy="no")
+    trainer = Tempered(tiny_llama(vocab_size=len(tokenizer), seed=0), args=args, train_dataset=ROWS,
+                       processing_class=tokenizer, precompute_ref=True)  # fmt: skip
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    torch.testing.assert_close(out["rewards"], torch.zeros_like(out["rewards"]), rtol=0, atol=1e-6)

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import Trainer
 
 from .. import nn as rcpo_nn
-from ..data import REF_COLUMNS, RankedPreferenceCollator
+from ..data import PRECOMPUTED_COLUMNS, REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
 from ..lm_head import eval_mode
 from ..metrics import ranking_metrics
@@ -178,6 +178,11 @@ class RCPOTrainer(Trainer):
             raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
         if model is None:
             raise ValueError("model: RCPOTrainer needs the policy model")
+        if ref_model is not None and ref_model is model:
+            raise ValueError(
+                "ref_model: is the policy model itself, which would freeze it. Pass ref_model=None (a frozen copy "
+                "of model is made; the base with its adapters disabled for a PEFT model), or a copy of model"
+            )
         beta = getattr(args, "beta", 0.1) if beta is None else beta
         max_length = getattr(args, "max_length", None) if max_length is None else max_length
         max_prompt_length = getattr(args, "max_prompt_length", None) if max_prompt_length is None else max_prompt_length
@@ -223,7 +228,7 @@ class RCPOTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # The collator reads the raw row columns, not the model's forward arguments.
         if self._signature_columns is None:
-            self._signature_columns = [*ROW_COLUMNS, *REF_COLUMNS]
+            self._signature_columns = [*ROW_COLUMNS, *PRECOMPUTED_COLUMNS]
 
     # ------------------------------------------------------------------ model -> per-response statistics
 
@@ -268,7 +273,7 @@ class RCPOTrainer(Trainer):
         model without ``ref_model``.
         """
         if "ref_logps" in inputs:
-            return ResponseTokenStats(*(inputs[name] for name in REF_COLUMNS))
+            return ResponseTokenStats(*(inputs[name] for name in REF_COLUMNS))  # fp64 for an fp64 model's values
         if self.ref_model is None and not self.peft_reference:
             raise ValueError(
                 "inputs: the batch has no precomputed ref_logps / ref_entropy_sums / ref_lengths and the trainer "
@@ -280,6 +285,10 @@ class RCPOTrainer(Trainer):
         if self.ref_model is not None:
             release_reference(self.ref_model)  # an FSDP2 reference's root goes back to its shard
         return stats
+
+    def _reference_response_stats(self, model, inputs, *, fused_linear: bool, entropy: bool) -> ResponseTokenStats:
+        """:meth:`response_stats` (an override included) as ``precompute_reference_stats`` calls it."""
+        return self.response_stats(model, inputs, entropy=entropy)
 
     def _precompute_reference(self) -> None:
         """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model.
@@ -293,22 +302,23 @@ class RCPOTrainer(Trainer):
         def add(rows):
             if rows is None or has_reference_stats(rows):
                 return rows
-            mine = [rows[i] for i in range(rank, len(rows), world)]
+            indices = range(rank, len(rows), world)
             with self.reference_context(reference):
                 part = precompute_reference_stats(
-                    reference, mine, self.data_collator, batch_size=self.args.per_device_eval_batch_size,
-                    fused_linear=self.fused_linear,
+                    reference, [rows[i] for i in indices], self.data_collator,
+                    batch_size=self.args.per_device_eval_batch_size, fused_linear=self.fused_linear,
                     progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
+                    stats=self._reference_response_stats, indices=indices,
                 )  # fmt: skip
-            parts = [[[row[name] for name in REF_COLUMNS] for row in part]]
+            parts = [[[row[name] for name in PRECOMPUTED_COLUMNS] for row in part]]
             if world > 1:
                 from accelerate.utils import gather_object
 
                 parts = gather_object(parts)  # one list per rank
-            columns = {name: [None] * len(rows) for name in REF_COLUMNS}
+            columns = {name: [None] * len(rows) for name in PRECOMPUTED_COLUMNS}
             for r, values in enumerate(parts):
                 for i, row in zip(range(r, len(rows), world), values, strict=True):
-                    for name, value in zip(REF_COLUMNS, row, strict=True):
+                    for name, value in zip(PRECOMPUTED_COLUMNS, row, strict=True):
                         columns[name][i] = value
             return with_reference_columns(rows, columns)
 
@@ -325,6 +335,7 @@ class RCPOTrainer(Trainer):
         ranks = inputs["ranks"]
         policy = self.response_stats(model, inputs, entropy=False)
         ref = self.reference_stats(model, inputs)
+        ref = ref._replace(logps=ref.logps.to(policy.logps.dtype))  # stored fp64 statistics, an fp32 policy
         vocab_size = self.vocab_size
         loss_ranks = top_bottom_ranks(ranks) if self.loss_name in PAIRWISE else ranks
         neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, loss_ranks, vocab_size)
