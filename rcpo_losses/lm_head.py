@@ -9,7 +9,7 @@ through the (possibly DDP-wrapped) model's own forward. Duck-typed: nothing here
 ``transformers``.
 
 A table of config fields lags the model zoo, so the first time a (model class, head class,
-config) is seen, the spec is checked against the model's own ``model(...).logits`` on a few
+the head's adapter state, config) is seen, the spec is checked against the model's own ``model(...).logits`` on a few
 positions (:func:`check_lm_head_spec`, one small forward); ``VERIFY = False`` here, or
 ``lm_head_spec(model, verify=False)``, turns that off.
 """
@@ -28,7 +28,7 @@ from .reference.token_stats import LogitTransform
 
 # The first-seen check of lm_head_spec against model(...).logits: on by default (see check_lm_head_spec).
 VERIFY = True
-_VERIFIED: set[tuple] = set()  # (model class, head class, config fingerprint) whose spec matched the model's logits
+_VERIFIED: set[tuple] = set()  # (model class, head class, adapter state, config fingerprint) checked
 
 # Config fields that scale the logits, with the power of the field that multiplies them, as the
 # models' forwards in transformers 5.x apply them: {field: {model_type: power, "*": other types}}.
@@ -80,20 +80,43 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _check_no_active_lora(head: nn.Module) -> None:
-    """A LoRA adapter on the head makes its logits ``W x + B A x * scaling``: the spec's ``W`` alone would be wrong."""
-    lora_a = getattr(head, "lora_A", None)
-    if lora_a is None or getattr(head, "disable_adapters", False):
-        return  # no adapter, or inside PEFT's disable_adapter(): the logits are the base layer's
+# How PEFT's tuner modules (peft.tuners.<tuner>) spell their adapter type, for the error message.
+_TUNER_NAMES = {
+    "lora": "LoRA",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "ia3": "IA3",
+    "oft": "OFT",
+    "boft": "BOFT",
+    "vera": "VeRA",
+}
+
+
+def _check_no_active_adapter(head: nn.Module) -> None:
+    """A PEFT adapter on the head (LoRA, LoHa, IA3, ...) changes its logits: the spec's ``W`` alone would be wrong."""
+    if not hasattr(head, "base_layer") or getattr(head, "disable_adapters", False):
+        return  # no tuner layer (a ModulesToSaveWrapper's weight is its active copy's), or inside disable_adapter()
+    present = set()
+    for name in getattr(head, "adapter_layer_names", ()):
+        present |= set(getattr(head, name, None) or ())
     merged = set(getattr(head, "merged_adapters", []))
-    active = [name for name in getattr(head, "active_adapters", []) if name in lora_a and name not in merged]
+    active = [name for name in getattr(head, "active_adapters", []) if name in present and name not in merged]
     if active:
+        module = type(head).__module__.split(".")
+        tuner = module[2] if module[:2] == ["peft", "tuners"] and len(module) > 2 else type(head).__name__
+        kind = _TUNER_NAMES.get(tuner, tuner)
+        logits = "W x + B A x * scaling" if tuner == "lora" else "not those of its base weight W"
         raise TypeError(
-            f"model: the LM head carries the active, unmerged LoRA adapter(s) {active}, whose logits are "
-            "W x + B A x * scaling; the fused path takes the base weight W only and does not compute the "
-            "low-rank term. Leave lm_head out of the LoRA target_modules, merge the adapter, or use "
-            "fused_linear=False"
+            f"model: the LM head carries the active, unmerged {kind} adapter(s) {active} "
+            f"({type(head).__module__}.{type(head).__name__}), whose logits are {logits}; the fused path takes "
+            f"the base weight W only and does not compute the adapter. Leave lm_head out of the {kind} "
+            "target_modules, merge the adapter, or use fused_linear=False"
         )
+
+
+def _adapter_state(head: nn.Module) -> tuple:
+    """What of a PEFT-wrapped head changes its output: adapters on or off, active and merged ones."""
+    return tuple(repr(getattr(head, name, None)) for name in ("disable_adapters", "active_adapters", "merged_adapters"))
 
 
 def _config(model: nn.Module):
@@ -131,9 +154,9 @@ def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
     gives the log-probs of exactly those logits, so the transform cannot be forgotten.
 
     A transform that no config field tells (a custom head, a family newer than the table) is
-    caught by :func:`check_lm_head_spec`: the first time a (model class, head class, config)
-    is seen in the process, the spec's logits are compared with ``model(...).logits`` on a
-    few positions (one small forward, in eval mode, under ``no_grad``; skipped while
+    caught by :func:`check_lm_head_spec`: the first time a (model class, head class, the
+    head's PEFT adapter state, config) is seen in the process, the spec's logits are compared
+    with ``model(...).logits`` on a few positions (one small forward, in eval mode, under ``no_grad``; skipped while
     ``torch.compile`` traces), and a ``ValueError`` names the model class if they differ.
 
     Args:
@@ -147,9 +170,11 @@ def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
         :class:`LMHeadSpec` ``(weight, bias, softcap, logit_scale)``; the tensors are the
         model's own parameters (gradients reach them). Under FSDP2 (``fully_shard``) call it
         after :func:`final_hidden_states`: the forward has then gathered the root module's
-        head (a sharded DTensor before it raises a ``TypeError``). A PEFT LoRA adapter on the
-        head (logits ``W x + B A x * scaling``) raises a ``TypeError`` unless it is merged or
-        disabled (``model.disable_adapter()``): the spec holds ``W`` alone.
+        head (a sharded DTensor before it raises a ``TypeError``). A PEFT adapter of any type
+        on the head (LoRA: logits ``W x + B A x * scaling``; LoHa, LoKr, IA3, OFT, ...) raises
+        a ``TypeError`` naming it unless it is merged or disabled (``model.disable_adapter()``):
+        the spec holds ``W`` alone. (``modules_to_save=["lm_head"]`` is exact: its weight is
+        the trained copy's.)
     """
     inner = unwrap_model(model)
     spec = _read_spec(inner)
@@ -166,7 +191,7 @@ def _read_spec(inner: nn.Module) -> LMHeadSpec:
     head = inner.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise TypeError(f"model: {type(inner).__name__}.get_output_embeddings() has no weight tensor")
-    _check_no_active_lora(head)
+    _check_no_active_adapter(head)
     if type(head.weight).__name__ == "DTensor" or hasattr(head.weight, "full_tensor"):
         raise TypeError(
             "model: the LM head's weight is a sharded DTensor (FSDP2 between forwards). Call lm_head_spec after "
@@ -189,7 +214,7 @@ def _transform_free(field: str) -> bool:
 
 
 def _fingerprint(inner: nn.Module) -> tuple:
-    """``(model class, head class, the config's fields)``: the key of a model already checked."""
+    """``(model class, head class, the head's adapter state, the config's fields)``: the key of a model checked."""
     config = getattr(inner, "config", None)
     # repr of the fields (about 30 us for a Llama config; to_json_string takes 200 us): a config
     # changed in place is a new key. Left out: special token ids (Trainer rewrites them at the first step to match
@@ -198,7 +223,8 @@ def _fingerprint(inner: nn.Module) -> tuple:
         fields = repr(sorted((k, v) for k, v in vars(config).items() if not _transform_free(k)))
     else:
         fields = repr(config)
-    return type(inner), type(inner.get_output_embeddings()), fields
+    head = inner.get_output_embeddings()
+    return type(inner), type(head), _adapter_state(head), fields
 
 
 # Largest max|spec logits - model logits| / max|model logits| accepted: rounding of the model's own
@@ -227,7 +253,7 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     the head sees it inside the forward (accelerate, for ``Trainer``'s ``bf16=True`` / ``fp16=True``,
     wraps ``model.forward`` in autocast and casts its outputs back to fp32). A mismatch means
     the forward transforms the logits in a way the spec does not know, or ``hidden_states[-1]``
-    is not what its head reads. ``lm_head_spec`` calls it once per (model class, head class, config).
+    is not what its head reads. ``lm_head_spec`` calls it once per (model class, head class, adapter state, config).
     """
     inner = unwrap_model(model)
     spec = _read_spec(inner) if spec is None else spec
