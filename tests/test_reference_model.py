@@ -381,3 +381,26 @@ def test_any_adapter_on_the_lm_head_is_refused_by_name(tokenizer, tmp_path, kind
     unfused = make_trainer(tokenizer, tmp_path, model=model)  # from the logits the adapter is exact, and trained
     unfused.compute_loss(unfused.model, batch).backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in head.named_parameters() if "default" in n)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_precompute_runs_under_the_autocast_of_training(tokenizer, tmp_path, fused):  # noqa: F811
+    """bf16=True: the precomputed reference is the policy as the steps run it, so the step-0 rewards are 0."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, save_strategy="no",
+                             bf16=True, learning_rate=0.0, disable_tqdm=True)  # fmt: skip
+    model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+    trainer = RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, fused_linear=fused,
+                          layout="padded", precompute_ref=True)  # fmt: skip
+    assert "forward" not in vars(trainer.model)  # the training wrapper was taken off again
+    rewards = []
+    compute_loss = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, out = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        rewards.append(out["rewards"])
+        return loss
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert hasattr(trainer.model, "_original_forward") and len(rewards) == 1  # the step ran under autocast
+    assert torch.equal(rewards[0], torch.zeros_like(rewards[0])), rewards  # other row order, same numbers

@@ -286,6 +286,32 @@ class RCPOTrainer(Trainer):
             release_reference(self.ref_model)  # an FSDP2 reference's root goes back to its shard
         return stats
 
+    @contextlib.contextmanager
+    def _forward_as_in_training(self, model):
+        """``model.forward`` as the accelerator wraps it for training (``bf16`` / ``fp16``: autocast, fp32 outputs).
+
+        So that precomputed statistics are the numbers the live reference would give at each step.
+        """
+        if not self.accelerator.native_amp or "_original_forward" in vars(model):  # no autocast, or wrapped already
+            yield
+            return
+        from accelerate.utils import convert_outputs_to_fp32
+
+        forward, own = model.forward, vars(model).get("forward")
+
+        def autocast_forward(*args, **kwargs):
+            with self.accelerator.autocast():
+                return forward(*args, **kwargs)
+
+        model.forward = convert_outputs_to_fp32(autocast_forward)
+        try:
+            yield
+        finally:
+            if own is None:
+                del model.forward  # the class's forward again
+            else:
+                model.forward = own
+
     def _reference_response_stats(self, model, inputs, *, fused_linear: bool, entropy: bool) -> ResponseTokenStats:
         """:meth:`response_stats` (an override included) as ``precompute_reference_stats`` calls it."""
         return self.response_stats(model, inputs, entropy=entropy)
@@ -303,7 +329,7 @@ class RCPOTrainer(Trainer):
             if rows is None or has_reference_stats(rows):
                 return rows
             indices = range(rank, len(rows), world)
-            with self.reference_context(reference):
+            with self.reference_context(reference), self._forward_as_in_training(reference):
                 part = precompute_reference_stats(
                     reference, [rows[i] for i in indices], self.data_collator,
                     batch_size=self.args.per_device_eval_batch_size, fused_linear=self.fused_linear,
