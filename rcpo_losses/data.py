@@ -375,6 +375,11 @@ def reference_columns(
     out["ref_lengths"] = torch.zeros(len(rows), S, dtype=torch.int64)
     for b, row in enumerate(rows):
         missing = [name for name in PRECOMPUTED_COLUMNS if row.get(name) is None]
+        if missing == [REF_TOKEN_HASH]:
+            raise ValueError(
+                f"{wheres[b]}: has precomputed reference statistics but no {REF_TOKEN_HASH}, the fingerprint of the "
+                "tokens they were computed on (precomputed by an older rcpo_losses?); rerun precompute_reference_stats"
+            )
         if missing:
             raise ValueError(
                 f"{wheres[b]}: has no {missing} while rows of the batch carry precomputed reference statistics; "

@@ -9,9 +9,9 @@ through the (possibly DDP-wrapped) model's own forward. Duck-typed: nothing here
 ``transformers``.
 
 A table of config fields lags the model zoo, so the first time a (model class, head class,
-the head's adapter state, config) is seen, the spec is checked against the model's own ``model(...).logits`` on a few
-positions (:func:`check_lm_head_spec`, one small forward); ``VERIFY = False`` here, or
-``lm_head_spec(model, verify=False)``, turns that off.
+the head's adapter state, config) is seen, the spec is checked against the model's own
+``model(...).logits`` on a few positions (:func:`check_lm_head_spec`, one small forward);
+``VERIFY = False`` here, or ``lm_head_spec(model, verify=False)``, turns that off.
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
     A transform that no config field tells (a custom head, a family newer than the table) is
     caught by :func:`check_lm_head_spec`: the first time a (model class, head class, the
     head's PEFT adapter state, config) is seen in the process, the spec's logits are compared
-    with ``model(...).logits`` on a few positions (one small forward, in eval mode, under ``no_grad``; skipped while
-    ``torch.compile`` traces), and a ``ValueError`` names the model class if they differ.
+    with ``model(...).logits`` on a few positions (one small forward, in eval mode, under
+    ``no_grad``, under the autocast the forward runs under; skipped while ``torch.compile``
+    traces), and a ``ValueError`` names the model class if they differ.
 
     Args:
         model: a causal LM with ``get_output_embeddings()`` and ``config``, or a DDP /

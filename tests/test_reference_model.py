@@ -107,6 +107,9 @@ def test_stale_statistics_name_the_row(tokenizer, tmp_path):  # noqa: F811
         match=r"position 1 of the batch \(prompt .*\): has no \['ref_logps', 'ref_entropy_sums', 'ref_lengths'\]",
     ):
         collate([rows[0], bare])
+    unfingerprinted = {k: v for k, v in rows[1].items() if k != "ref_token_hash"}
+    with pytest.raises(ValueError, match="position 0 .*no ref_token_hash.*rerun precompute_reference_stats"):
+        collate([unfingerprinted])
     same_lengths = {**rows[1], "completions": ["apple apple .", "river ."]}  # other text, same lengths
     with pytest.raises(ValueError, match="position 0 .*computed on other tokens"):
         collate([same_lengths])

@@ -108,8 +108,9 @@ class RCPOTrainer(Trainer):
         model: the policy, a causal LM.
         ref_model: the reference model; ``None``: a frozen copy of ``model`` made here, before
             training, or for a PEFT model the model with its adapters disabled
-            (``model.disable_adapter()``, no copy). Every route runs the reference in eval mode
-            (no dropout; the policy's train/eval flags are restored after). Pass it explicitly when resuming from a
+            (``model.disable_adapter()``, no copy); not ``model`` itself (refused: it would
+            freeze the policy). Every route runs the reference in eval mode (no dropout; the
+            policy's train/eval flags are restored after). Pass it explicitly when resuming from a
             checkpoint. It is prepared by the trainer's accelerator as the policy is (sharded
             under FSDP and DeepSpeed ZeRO-3, :func:`prepare_reference_model`), in eval mode.
         args: ``TrainingArguments``. A TRL ``DPOConfig`` (or any arguments with ``beta``,
@@ -132,9 +133,10 @@ class RCPOTrainer(Trainer):
         max_length, max_prompt_length, ties: passed to the collator.
         precompute_ref: run the reference once over ``train_dataset`` and ``eval_dataset``
             before training (:func:`~rcpo_losses.precompute_reference_stats`, batches of
-            ``args.per_device_eval_batch_size``) and keep no reference model. Rows that already
-            carry the ``ref_logps``, ``ref_entropy_sums`` and ``ref_lengths`` columns need no
-            reference model either.
+            ``args.per_device_eval_batch_size``, through :meth:`response_stats` and under the
+            autocast of training, ``bf16`` / ``fp16``) and keep no reference model. Rows that
+            already carry the ``ref_logps``, ``ref_entropy_sums``, ``ref_lengths`` and
+            ``ref_token_hash`` columns need no reference model either.
         layout: the collator's layout: ``"prefix_shared"`` (default: each prompt computed once,
             no padding, the LM head on completion tokens only) or ``"padded"``. A model that
             cannot take the prefix-shared mask (:func:`rcpo_losses.model_stats.prefix_shared_support`:
@@ -361,7 +363,8 @@ class RCPOTrainer(Trainer):
         ranks = inputs["ranks"]
         policy = self.response_stats(model, inputs, entropy=False)
         ref = self.reference_stats(model, inputs)
-        ref = ref._replace(logps=ref.logps.to(policy.logps.dtype))  # stored fp64 statistics, an fp32 policy
+        dtype = policy.logps.dtype  # stored fp64 statistics with an fp32 policy
+        ref = ref._replace(logps=ref.logps.to(dtype), entropy_sums=ref.entropy_sums.to(dtype))
         vocab_size = self.vocab_size
         loss_ranks = top_bottom_ranks(ranks) if self.loss_name in PAIRWISE else ranks
         neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, loss_ranks, vocab_size)
