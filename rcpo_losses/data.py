@@ -14,6 +14,7 @@ torch is needed: the tokenizer is any object with the Hugging Face tokenizer int
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,10 +30,34 @@ TIES = ("error", "prefix")
 LAYOUTS = ("padded", "prefix_shared")
 # Reference statistics stored with the rows (rcpo_losses.precompute): one value per completion.
 REF_COLUMNS = ("ref_logps", "ref_entropy_sums", "ref_lengths")
+# ...and the fingerprint of the token ids they were computed on (prompt and completions, as collated): one per row.
+REF_TOKEN_HASH = "ref_token_hash"
+PRECOMPUTED_COLUMNS = (*REF_COLUMNS, REF_TOKEN_HASH)
 
 
-def _where(row: int | None) -> str:
-    return "row" if row is None else f"row {row}"
+def token_hash(prompt: Sequence[int], completions: Sequence[Sequence[int]]) -> int:
+    """A 63-bit fingerprint (an int64) of a row's prompt token ids and each completion's token ids."""
+    text = repr(([int(t) for t in prompt], [[int(t) for t in c] for c in completions]))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _prompt_start(prompt: Any, width: int = 40) -> str:
+    """The start of a prompt, plain text or a conversation's messages, to name a row by."""
+    if _is_conversational(prompt):
+        prompt = " ".join(str(m.get("content")) for m in prompt)
+    text = str(prompt)
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def _where(row: Mapping[str, Any], index: int | None, position: int | None = None) -> str:
+    """``row 9 (prompt 'What is...')``: the dataset index when known, else the position in the batch."""
+    if index is not None:
+        name = f"row {index}"
+    elif position is not None:
+        name = f"row at position {position} of the batch"
+    else:
+        name = "row"
+    return f"{name} (prompt {_prompt_start(row.get('prompt'))})"
 
 
 def row_ranks(
@@ -58,12 +83,15 @@ def row_ranks(
     ``scores`` and ``ranking`` may be lists, tuples, 1-d numpy arrays or tensors; ranking
     indices may be numpy or tensor integers (``np.argsort(-scores)``).
 
-    Raises ``ValueError`` naming the row (``index``) and the field for fewer than two
+    Raises ``ValueError`` naming the row (``index``, and the start of its prompt) and the field for fewer than two
     completions, feedback that is not a list (a scalar, a string), a score that is not a
     number (``None``) or not finite, scores of the wrong length, a ranking that is not a list
     of distinct completion indices, both or neither of ``scores`` and ``ranking``.
     """
-    where = _where(index)
+    return _row_ranks(row, k, ties, _where(row, index))
+
+
+def _row_ranks(row: Mapping[str, Any], k: int | None, ties: str, where: str) -> list[int]:
     if ties not in TIES:
         raise ValueError(f"ties: expected one of {TIES}, got {ties!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -181,11 +209,18 @@ class RankedPreferenceCollator:
         - ``ranks``: int64 ``(B, S)``: ``0..k_b-1``, ``UNRANKED``, and ``IGNORE`` for the slots
           past a row's completions. Those slots hold the prompt alone (attended, so a model can
           run on them) with an empty completion mask.
-        - ``ref_logps``, ``ref_entropy_sums``: fp32 ``(B, S)``, ``ref_lengths``: int64 ``(B, S)``,
-          only when the rows carry them (:func:`rcpo_losses.precompute.precompute_reference_stats`);
-          0 in the padding slots, as the model statistics there. A row whose completion count or
-          tokenized completion lengths differ from its ``ref_lengths`` raises ``ValueError``
-          naming it: the statistics are stale.
+        - ``token_hash``: int64 ``(B,)``, each row's :func:`token_hash` (its prompt and completion
+          token ids as collated); ``precompute_reference_stats`` stores it as ``ref_token_hash``.
+        - ``ref_logps``, ``ref_entropy_sums``: fp32 ``(B, S)`` (fp64 for an fp64 model's values),
+          ``ref_lengths``: int64 ``(B, S)``, only when the rows carry them
+          (:func:`rcpo_losses.precompute.precompute_reference_stats`); 0 in the padding slots, as
+          the model statistics there. A row whose tokens differ from those the statistics were
+          computed on (its ``ref_token_hash``, ``ref_lengths``) raises ``ValueError`` naming it:
+          the statistics are stale.
+
+    Errors name the row: ``row 9 (prompt '...')`` with its dataset index when the caller passes
+    ``indices`` (``precompute_reference_stats`` does), else its position in the batch, and
+    always the start of its prompt.
     """
 
     def __init__(
@@ -224,7 +259,7 @@ class RankedPreferenceCollator:
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _tokenize_row(self, row: Mapping[str, Any], index: int) -> tuple[list[int], list[list[int]]]:
+    def _tokenize_row(self, row: Mapping[str, Any], where: str) -> tuple[list[int], list[list[int]]]:
         """Token ids of the prompt and of each completion (untruncated)."""
         prompt, completions = row.get("prompt"), row["completions"]
         if _is_conversational(prompt):
@@ -234,52 +269,57 @@ class RankedPreferenceCollator:
             for j, completion in enumerate(completions):
                 messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
                 if not _is_conversational(messages):
-                    raise ValueError(f"row {index}: completion {j} must be a string or a list of messages")
+                    raise ValueError(f"{where}: completion {j} must be a string or a list of messages")
                 full = template(list(prompt) + list(messages), tokenize=False)
                 if not full.startswith(prompt_text):
                     raise ValueError(
-                        f"row {index}: the chat template of prompt + completion {j} does not start with the "
+                        f"{where}: the chat template of prompt + completion {j} does not start with the "
                         "template of the prompt alone, so the completion tokens cannot be told apart"
                     )
                 outs.append(self._ids(full[len(prompt_text) :], False))
             return self._ids(prompt_text, False), outs
         if not isinstance(prompt, str):
-            raise ValueError(
-                f"row {index}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
-            )
+            raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
         eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
         outs = []
         for j, completion in enumerate(completions):
             if not isinstance(completion, str):
-                raise ValueError(f"row {index}: completion {j} must be a string for a plain-text prompt")
+                raise ValueError(f"{where}: completion {j} must be a string for a plain-text prompt")
             outs.append(self._ids(completion, False) + eos)
         return self._ids(prompt, True), outs
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]], indices: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Collate ``rows``; ``indices[b]``, the dataset index of ``rows[b]`` where known, names it in errors."""
         if not rows:
             raise ValueError("rows: empty batch")
-        ranks, sequences = [], []  # sequences[b] = (prompt ids, [completion ids])
+        if indices is not None and len(indices) != len(rows):
+            raise ValueError(f"indices: {len(indices)} indices for {len(rows)} rows")
+        ranks, sequences, wheres = [], [], []  # sequences[b] = (prompt ids, [completion ids])
         for b, row in enumerate(rows):
-            ranks.append(row_ranks(row, k=self.k, ties=self.ties, index=b))
-            prompt, completions = self._tokenize_row(row, b)
+            where = _where(row, None if indices is None else indices[b], b)
+            wheres.append(where)
+            ranks.append(_row_ranks(row, self.k, self.ties, where))
+            prompt, completions = self._tokenize_row(row, where)
             if self.max_prompt_length is not None:
                 prompt = prompt[-self.max_prompt_length :]
             if self.max_length is not None:
                 if len(prompt) >= self.max_length:
                     raise ValueError(
-                        f"row {b}: the prompt has {len(prompt)} tokens, max_length = {self.max_length} leaves no "
+                        f"{where}: the prompt has {len(prompt)} tokens, max_length = {self.max_length} leaves no "
                         "room for a completion; raise max_length or set max_prompt_length"
                     )
                 completions = [c[: self.max_length - len(prompt)] for c in completions]
             if not prompt:
-                raise ValueError(f"row {b}: the prompt is empty after tokenization")
+                raise ValueError(f"{where}: the prompt is empty after tokenization")
             if not all(completions):
                 j = [len(c) for c in completions].index(0)
-                raise ValueError(f"row {b}: completion {j} is empty after tokenization")
+                raise ValueError(f"{where}: completion {j} is empty after tokenization")
             sequences.append((prompt, completions))
         B, S = len(rows), max(len(r) for r in ranks)
+        hashes = torch.tensor([token_hash(p, cs) for p, cs in sequences], dtype=torch.int64)
+        refs = {"token_hash": hashes, **reference_columns(rows, sequences, hashes, S, wheres)}
         if self.layout == "prefix_shared":
-            return self._prefix_shared(rows, sequences, ranks, S)
+            return self._prefix_shared(sequences, ranks, S, refs)
         L = max(len(p) + len(c) for p, cs in sequences for c in cs)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
@@ -300,17 +340,14 @@ class RankedPreferenceCollator:
             "attention_mask": attention_mask,
             "completion_mask": completion_mask,
             "ranks": out_ranks,
-            **reference_columns(rows, [[len(c) for c in cs] for _, cs in sequences], S),
+            **refs,
         }
 
-    def _prefix_shared(
-        self, rows: Sequence[Mapping[str, Any]], sequences: list, ranks: list[list[int]], S: int
-    ) -> dict[str, Tensor]:
+    def _prefix_shared(self, sequences: list, ranks: list[list[int]], S: int, refs: dict) -> dict[str, Tensor]:
         out_ranks = torch.full((len(ranks), S), IGNORE, dtype=torch.int64)
         for b, r in enumerate(ranks):
             out_ranks[b, : len(r)] = torch.tensor(r)
         prompts, completions = zip(*sequences, strict=True)
-        refs = reference_columns(rows, [[len(c) for c in cs] for cs in completions], S)
         return {
             "ranks": out_ranks,
             **pack_prefix_shared(prompts, completions, S),
@@ -318,33 +355,53 @@ class RankedPreferenceCollator:
         }  # ranks first: the batch size
 
 
-def reference_columns(rows: Sequence[Mapping[str, Any]], lengths: list[list[int]], S: int) -> dict[str, Tensor]:
+def reference_columns(
+    rows: Sequence[Mapping[str, Any]], sequences: list, hashes: Tensor, S: int, wheres: Sequence[str]
+) -> dict[str, Tensor]:
     """The rows' precomputed ``ref_*`` columns as ``(B, S)`` tensors (0 in padding slots); ``{}`` if none has them.
 
-    ``lengths[b]`` are the tokenized completion lengths of row ``b`` as collated now. Statistics
-    computed for other completions (another count, another tokenization or ``max_length``)
-    raise ``ValueError`` naming the row, so stale numbers are never paired with new text.
+    ``sequences[b]`` are the prompt and completion token ids of row ``b`` as collated now,
+    ``hashes[b]`` their :func:`token_hash`. Statistics computed on other tokens (another
+    completion count or tokenization, an edited prompt, another ``max_length`` or
+    ``max_prompt_length``: the row's ``ref_token_hash`` differs) raise ``ValueError`` naming the
+    row (``wheres[b]``), so stale numbers are never paired with new text. ``ref_logps`` and
+    ``ref_entropy_sums`` are fp32, or fp64 when a stored value is not an fp32 number (an fp64
+    model's statistics): never rounded.
     """
-    has = [any(name in row for name in REF_COLUMNS) for row in rows]
+    has = [any(name in row for name in PRECOMPUTED_COLUMNS) for row in rows]
     if not any(has):
         return {}
-    out = {name: torch.zeros(len(rows), S, dtype=torch.float32) for name in REF_COLUMNS[:2]}
+    out = {name: torch.zeros(len(rows), S, dtype=torch.float64) for name in REF_COLUMNS[:2]}
     out["ref_lengths"] = torch.zeros(len(rows), S, dtype=torch.int64)
     for b, row in enumerate(rows):
-        missing = [name for name in REF_COLUMNS if row.get(name) is None]
+        missing = [name for name in PRECOMPUTED_COLUMNS if row.get(name) is None]
+        if missing == [REF_TOKEN_HASH]:
+            raise ValueError(
+                f"{wheres[b]}: has precomputed reference statistics but no {REF_TOKEN_HASH}, the fingerprint of the "
+                "tokens they were computed on (precomputed by an older rcpo_losses?); rerun precompute_reference_stats"
+            )
         if missing:
             raise ValueError(
-                f"row {b}: has no {missing} while other rows of the batch carry precomputed reference "
-                "statistics; precompute them for every row (rcpo_losses.precompute_reference_stats)"
+                f"{wheres[b]}: has no {missing} while rows of the batch carry precomputed reference statistics; "
+                "precompute them for every row (rcpo_losses.precompute_reference_stats)"
             )
-        n = len(lengths[b])
+        lengths = [len(c) for c in sequences[b][1]]
+        n = len(lengths)
         stored = [list(row[name]) for name in REF_COLUMNS]
-        if any(len(values) != n for values in stored) or [int(x) for x in stored[2]] != lengths[b]:
+        if any(len(values) != n for values in stored) or [int(x) for x in stored[2]] != lengths:
             raise ValueError(
-                f"row {b} (prompt {str(row.get('prompt'))[:40]!r}): the precomputed reference statistics are stale: "
-                f"ref_lengths = {stored[2]} but its {n} completions tokenize to lengths {lengths[b]} now; "
-                "rerun precompute_reference_stats"
+                f"{wheres[b]}: the precomputed reference statistics are stale: ref_lengths = {stored[2]} but its "
+                f"{n} completions tokenize to lengths {lengths} now; rerun precompute_reference_stats"
+            )
+        if int(row[REF_TOKEN_HASH]) != int(hashes[b]):
+            raise ValueError(
+                f"{wheres[b]}: the precomputed reference statistics were computed on other tokens than the row "
+                "collates to now (its prompt or completions changed, or max_prompt_length, max_length, the "
+                "tokenizer or the chat template differ); rerun precompute_reference_stats with this collator"
             )
         for name, values in zip(REF_COLUMNS, stored, strict=True):
             out[name][b, :n] = torch.tensor(values, dtype=out[name].dtype)
+    for name in REF_COLUMNS[:2]:  # an fp32 (or bf16) model's statistics are fp32 numbers: exact in fp32
+        if torch.equal(out[name].float().double(), out[name]):
+            out[name] = out[name].float()
     return out

@@ -9,14 +9,16 @@ through the (possibly DDP-wrapped) model's own forward. Duck-typed: nothing here
 ``transformers``.
 
 A table of config fields lags the model zoo, so the first time a (model class, head class,
-config) is seen, the spec is checked against the model's own ``model(...).logits`` on a few
-positions (:func:`check_lm_head_spec`, one small forward); ``VERIFY = False`` here, or
-``lm_head_spec(model, verify=False)``, turns that off.
+the head's adapter state, config) is seen, the spec is checked against the model's own
+``model(...).logits`` on a few positions (:func:`check_lm_head_spec`, one small forward);
+``VERIFY = False`` here, or ``lm_head_spec(model, verify=False)``, turns that off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -26,7 +28,7 @@ from .reference.token_stats import LogitTransform
 
 # The first-seen check of lm_head_spec against model(...).logits: on by default (see check_lm_head_spec).
 VERIFY = True
-_VERIFIED: set[tuple] = set()  # (model class, head class, config fingerprint) whose spec matched the model's logits
+_VERIFIED: set[tuple] = set()  # (model class, head class, adapter state, config fingerprint) checked
 
 # Config fields that scale the logits, with the power of the field that multiplies them, as the
 # models' forwards in transformers 5.x apply them: {field: {model_type: power, "*": other types}}.
@@ -67,20 +69,54 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_no_active_lora(head: nn.Module) -> None:
-    """A LoRA adapter on the head makes its logits ``W x + B A x * scaling``: the spec's ``W`` alone would be wrong."""
-    lora_a = getattr(head, "lora_A", None)
-    if lora_a is None or getattr(head, "disable_adapters", False):
-        return  # no adapter, or inside PEFT's disable_adapter(): the logits are the base layer's
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block; every module's own train/eval flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+# How PEFT's tuner modules (peft.tuners.<tuner>) spell their adapter type, for the error message.
+_TUNER_NAMES = {
+    "lora": "LoRA",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "ia3": "IA3",
+    "oft": "OFT",
+    "boft": "BOFT",
+    "vera": "VeRA",
+}
+
+
+def _check_no_active_adapter(head: nn.Module) -> None:
+    """A PEFT adapter on the head (LoRA, LoHa, IA3, ...) changes its logits: the spec's ``W`` alone would be wrong."""
+    if not hasattr(head, "base_layer") or getattr(head, "disable_adapters", False):
+        return  # no tuner layer (a ModulesToSaveWrapper's weight is its active copy's), or inside disable_adapter()
+    present = set()
+    for name in getattr(head, "adapter_layer_names", ()):
+        present |= set(getattr(head, name, None) or ())
     merged = set(getattr(head, "merged_adapters", []))
-    active = [name for name in getattr(head, "active_adapters", []) if name in lora_a and name not in merged]
+    active = [name for name in getattr(head, "active_adapters", []) if name in present and name not in merged]
     if active:
+        module = type(head).__module__.split(".")
+        tuner = module[2] if module[:2] == ["peft", "tuners"] and len(module) > 2 else type(head).__name__
+        kind = _TUNER_NAMES.get(tuner, tuner)
+        logits = "W x + B A x * scaling" if tuner == "lora" else "not those of its base weight W"
         raise TypeError(
-            f"model: the LM head carries the active, unmerged LoRA adapter(s) {active}, whose logits are "
-            "W x + B A x * scaling; the fused path takes the base weight W only and does not compute the "
-            "low-rank term. Leave lm_head out of the LoRA target_modules, merge the adapter, or use "
-            "fused_linear=False"
+            f"model: the LM head carries the active, unmerged {kind} adapter(s) {active} "
+            f"({type(head).__module__}.{type(head).__name__}), whose logits are {logits}; the fused path takes "
+            f"the base weight W only and does not compute the adapter. Leave lm_head out of the {kind} "
+            "target_modules, merge the adapter, or use fused_linear=False"
         )
+
+
+def _adapter_state(head: nn.Module) -> tuple:
+    """What of a PEFT-wrapped head changes its output: adapters on or off, active and merged ones."""
+    return tuple(repr(getattr(head, name, None)) for name in ("disable_adapters", "active_adapters", "merged_adapters"))
 
 
 def _config(model: nn.Module):
@@ -118,10 +154,11 @@ def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
     gives the log-probs of exactly those logits, so the transform cannot be forgotten.
 
     A transform that no config field tells (a custom head, a family newer than the table) is
-    caught by :func:`check_lm_head_spec`: the first time a (model class, head class, config)
-    is seen in the process, the spec's logits are compared with ``model(...).logits`` on a
-    few positions (one small forward, in eval mode, under ``no_grad``; skipped while
-    ``torch.compile`` traces), and a ``ValueError`` names the model class if they differ.
+    caught by :func:`check_lm_head_spec`: the first time a (model class, head class, the
+    head's PEFT adapter state, config) is seen in the process, the spec's logits are compared
+    with ``model(...).logits`` on a few positions (one small forward, in eval mode, under
+    ``no_grad``, under the autocast the forward runs under; skipped while ``torch.compile``
+    traces), and a ``ValueError`` names the model class if they differ.
 
     Args:
         model: a causal LM with ``get_output_embeddings()`` and ``config``, or a DDP /
@@ -134,9 +171,11 @@ def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
         :class:`LMHeadSpec` ``(weight, bias, softcap, logit_scale)``; the tensors are the
         model's own parameters (gradients reach them). Under FSDP2 (``fully_shard``) call it
         after :func:`final_hidden_states`: the forward has then gathered the root module's
-        head (a sharded DTensor before it raises a ``TypeError``). A PEFT LoRA adapter on the
-        head (logits ``W x + B A x * scaling``) raises a ``TypeError`` unless it is merged or
-        disabled (``model.disable_adapter()``): the spec holds ``W`` alone.
+        head (a sharded DTensor before it raises a ``TypeError``). A PEFT adapter of any type
+        on the head (LoRA: logits ``W x + B A x * scaling``; LoHa, LoKr, IA3, OFT, ...) raises
+        a ``TypeError`` naming it unless it is merged or disabled (``model.disable_adapter()``):
+        the spec holds ``W`` alone. (``modules_to_save=["lm_head"]`` is exact: its weight is
+        the trained copy's.)
     """
     inner = unwrap_model(model)
     spec = _read_spec(inner)
@@ -153,7 +192,7 @@ def _read_spec(inner: nn.Module) -> LMHeadSpec:
     head = inner.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise TypeError(f"model: {type(inner).__name__}.get_output_embeddings() has no weight tensor")
-    _check_no_active_lora(head)
+    _check_no_active_adapter(head)
     if type(head.weight).__name__ == "DTensor" or hasattr(head.weight, "full_tensor"):
         raise TypeError(
             "model: the LM head's weight is a sharded DTensor (FSDP2 between forwards). Call lm_head_spec after "
@@ -176,7 +215,7 @@ def _transform_free(field: str) -> bool:
 
 
 def _fingerprint(inner: nn.Module) -> tuple:
-    """``(model class, head class, the config's fields)``: the key of a model already checked."""
+    """``(model class, head class, the head's adapter state, the config's fields)``: the key of a model checked."""
     config = getattr(inner, "config", None)
     # repr of the fields (about 30 us for a Llama config; to_json_string takes 200 us): a config
     # changed in place is a new key. Left out: special token ids (Trainer rewrites them at the first step to match
@@ -185,13 +224,21 @@ def _fingerprint(inner: nn.Module) -> tuple:
         fields = repr(sorted((k, v) for k, v in vars(config).items() if not _transform_free(k)))
     else:
         fields = repr(config)
-    return type(inner), type(inner.get_output_embeddings()), fields
+    head = inner.get_output_embeddings()
+    return type(inner), type(head), _adapter_state(head), fields
 
 
 # Largest max|spec logits - model logits| / max|model logits| accepted: rounding of the model's own
 # logits (bf16/fp16 products, TF32 matmuls in fp32) against the spec's fp32 (fp64) recomputation.
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
 _HALF_TOLERANCE = 4e-2
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts matmuls to on ``device``'s type right now, or None when it is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, positions: int = 4) -> None:
@@ -202,9 +249,12 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     ``torch.no_grad()`` (every module's train/eval flag is restored after), and compares
     :math:`c \tanh(a (h W^\top + b) / c)`, from ``spec`` and ``hidden_states[-1]``, with the
     logits: :math:`\max |z_{spec} - z| \le \epsilon \max |z|`, ``eps = 1e-6`` in fp64,
-    ``2e-3`` in fp32 (TF32 products), ``4e-2`` for bf16/fp16 or under autocast. A mismatch means
+    ``2e-3`` in fp32 (TF32 products), ``4e-2`` for bf16/fp16 or under autocast. Like with like: the
+    product :math:`h W^\top + b` is recomputed under the autocast the head ran under, as a hook on
+    the head sees it inside the forward (accelerate, for ``Trainer``'s ``bf16=True`` / ``fp16=True``,
+    wraps ``model.forward`` in autocast and casts its outputs back to fp32). A mismatch means
     the forward transforms the logits in a way the spec does not know, or ``hidden_states[-1]``
-    is not what its head reads. ``lm_head_spec`` calls it once per (model class, head class, config).
+    is not what its head reads. ``lm_head_spec`` calls it once per (model class, head class, adapter state, config).
     """
     inner = unwrap_model(model)
     spec = _read_spec(inner) if spec is None else spec
@@ -213,10 +263,12 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
     device = getattr(embeddings, "weight", spec.weight).device
     V = spec.weight.shape[0]
     ids = torch.linspace(1, V - 1, positions, device=device).long()[None]
-    modes = [(m, m.training) for m in inner.modules()]
+    # The autocast the head runs under, seen from inside the forward: accelerate (Trainer's bf16=True / fp16=True)
+    # wraps model.forward in autocast and casts the outputs back to fp32, so none shows from out here.
+    seen: list[torch.dtype | None] = []
+    hook = inner.get_output_embeddings().register_forward_pre_hook(lambda *_: seen.append(_autocast_dtype(device)))
     try:
-        inner.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(inner):
             try:
                 out = inner(
                     input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
@@ -232,15 +284,22 @@ def check_lm_head_spec(model: nn.Module, spec: LMHeadSpec | None = None, *, posi
             if not hidden:
                 raise TypeError(f"model: {name} returned no hidden_states")
             want = out.logits.double()
-            h = hidden[-1].to(want.dtype)
-            z = nn.functional.linear(h, spec.weight.to(h.dtype), None if spec.bias is None else spec.bias.to(h.dtype))
+            amp = seen[-1] if seen else _autocast_dtype(device)
+            # Like with like: the head's product under the autocast the model's head ran under, the transform in fp64.
+            if amp is None:
+                h = hidden[-1].to(want.dtype)
+                z = nn.functional.linear(
+                    h, spec.weight.to(h.dtype), None if spec.bias is None else spec.bias.to(h.dtype)
+                )
+            else:
+                with torch.autocast(device.type, dtype=amp):
+                    z = nn.functional.linear(hidden[-1], spec.weight, spec.bias).double()
             transform = LogitTransform.make(spec.softcap, spec.logit_scale, 1.0)
             got = z if transform is None else transform.reference(z)
     finally:
-        for m, training in modes:
-            m.training = training
+        hook.remove()
     dtypes = {out.logits.dtype, hidden[-1].dtype, spec.weight.dtype}
-    half = bool(dtypes & {torch.bfloat16, torch.float16}) or torch.is_autocast_enabled(device.type)
+    half = bool(dtypes & {torch.bfloat16, torch.float16}) or amp is not None
     eps = _HALF_TOLERANCE if half else max(_TOLERANCE.get(d, _HALF_TOLERANCE) for d in dtypes)
     err, scale = float((got - want).abs().max()), float(want.abs().max())
     if not err <= eps * scale:

@@ -68,14 +68,16 @@ def test_scores_to_ranks(scores, k, want):
 )
 def test_ties_error_or_prefix(scores, k, prefix):
     row = {"completions": ["x"] * len(scores), "scores": scores}
-    with pytest.raises(ValueError, match=r"row 7: completions \[.*\] tie"):
+    with pytest.raises(ValueError, match=r"row 7 \(prompt .*\): completions \[.*\] tie"):
         row_ranks(row, k=k, index=7)
     assert row_ranks(row, k=k, ties="prefix") == prefix
 
 
 def test_prefix_with_a_tied_best_raises():
     row = {"completions": ["x", "y", "z"], "scores": [1.0, 1.0, 0.0]}
-    with pytest.raises(ValueError, match="row 3: the best score 1.0 is shared by completions \\[0, 1\\]"):
+    with pytest.raises(
+        ValueError, match="row 3 \\(prompt .*\\): the best score 1.0 is shared by completions \\[0, 1\\]"
+    ):
         row_ranks(row, ties="prefix", index=3)
 
 
@@ -153,7 +155,10 @@ def test_bad_rows_name_the_row(tokenizer, row, match):
     good = {"prompt": "hi", "completions": ["a", "b"], "scores": [1.0, 0.0]}
     with pytest.raises(ValueError, match=match) as info:
         RankedPreferenceCollator(tokenizer)([good, {"prompt": "hi", **row}])
-    assert "row 1" in str(info.value)
+    assert "row at position 1 of the batch (prompt 'hi')" in str(info.value)
+    with pytest.raises(ValueError, match=match) as info:  # the dataset index, where the caller knows it
+        RankedPreferenceCollator(tokenizer)([good, {"prompt": "hi", **row}], indices=[8, 9])
+    assert "row 9 (prompt 'hi')" in str(info.value)
 
 
 def test_bad_settings():
@@ -208,7 +213,9 @@ def test_truncation_keeps_the_completion_start_and_never_cuts_the_prompt(tokeniz
     assert out["input_ids"].shape[-1] == 5
     assert out["input_ids"][0, 0].tolist() == ids(tokenizer, "a b c 1 2")
     assert out["completion_mask"][0, 0].tolist() == [False] * 3 + [True] * 2
-    with pytest.raises(ValueError, match="row 0: the prompt has 3 tokens, max_length = 3"):
+    with pytest.raises(
+        ValueError, match="row at position 0 of the batch \\(prompt .*\\): the prompt has 3 tokens, max_length = 3"
+    ):
         RankedPreferenceCollator(tokenizer, max_length=3)([row])
     out = RankedPreferenceCollator(tokenizer, max_length=3, max_prompt_length=2)([row])  # asked for: keeps the end
     assert out["input_ids"][0, 0].tolist() == ids(tokenizer, "b c 1")

@@ -36,8 +36,11 @@ def test_every_doc_is_linked_from_the_index_or_readme():
     assert not missing, f"docs not linked from README.md or docs/index.md: {missing}"
 
 
-def _resolves(dotted: str) -> bool:
-    """``rcpo_losses.a.b.c``: a module, or an attribute of the longest importable prefix."""
+_MISSING = object()
+
+
+def _lookup(dotted: str):
+    """``rcpo_losses.a.b.c``: a module, or an attribute of the longest importable prefix; ``_MISSING`` if none."""
     import importlib
 
     parts = dotted.split(".")
@@ -47,11 +50,15 @@ def _resolves(dotted: str) -> bool:
         except ImportError:
             continue
         for name in parts[cut:]:
-            if not hasattr(obj, name):
-                return False
-            obj = getattr(obj, name)
-        return True
-    return False
+            obj = getattr(obj, name, _MISSING)
+            if obj is _MISSING:
+                return _MISSING
+        return obj
+    return _MISSING
+
+
+def _resolves(dotted: str) -> bool:
+    return _lookup(dotted) is not _MISSING
 
 
 def test_every_dotted_name_in_the_docs_resolves():
@@ -63,3 +70,153 @@ def test_every_dotted_name_in_the_docs_resolves():
     assert len(names) > 20
     missing = sorted(n for n in names if not _resolves(n))
     assert not missing, f"documented names that do not exist: {missing}"
+
+
+# `name(args)` in README.md and docs/*.md, outside code blocks (which run): a signature, or a call.
+SIGNATURE = re.compile(r"`((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\(([^`]*?)\)(\s*->[^`]*)?`", re.S)
+# What such a `name(...)` may name outside rcpo_losses: other libraries, variables, math.
+OUTSIDE = {
+    "torch",
+    "tl",
+    "trl",
+    "liger_kernel",
+    "cut_cross_entropy",
+    "datasets",
+    "model",
+    "accelerator",
+    "spec",
+    "logp",
+    "exp",
+    "log",
+    "log1p",
+    "sigma",
+    "sigmoid",
+    "softmax",
+    "log_softmax",
+    "O",
+    "P",
+    "p",
+    "k",
+    "min",
+    "max",
+    "ceil",
+    "addmm",
+    "next_pow2",
+    "get_cpu_capability",
+    "GPUTarget",
+    "evaluate",
+    "predict",
+    "__call__",
+    "TrainingArguments",
+    "LlamaConfig",
+}
+
+
+def _library_object(dotted: str):
+    """What ``dotted`` names in rcpo_losses (a dotted path, or a name in one of its modules), or ``_MISSING``."""
+    import importlib
+    import pkgutil
+
+    import rcpo_losses
+
+    if dotted.startswith("rcpo_losses."):
+        return _lookup(dotted)
+    names = [m.name for m in pkgutil.walk_packages(rcpo_losses.__path__, "rcpo_losses.")]
+    for module in ["rcpo_losses", *(n for n in names if not n.startswith("rcpo_losses.kernels"))]:
+        importlib.import_module(module)
+        obj = _lookup(f"{module}.{dotted}")
+        if obj is not _MISSING:
+            return obj
+    return _MISSING
+
+
+def _split_arguments(text: str) -> list[str]:
+    """The comma-separated items of an argument list, commas inside brackets and quotes left alone."""
+    items, depth, quote, current = [], 0, None, ""
+    for ch in " ".join(text.split()):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    return [item for item in [*items, current.strip()] if item]
+
+
+def _default_matches(text: str, default) -> bool:
+    import ast
+
+    try:
+        return ast.literal_eval(text) == default
+    except (ValueError, SyntaxError):
+        return text == getattr(default, "__name__", repr(default))
+
+
+def _signature_problems(name: str, arguments: str, signature_style: bool) -> list[str]:
+    import inspect
+
+    if name.split(".")[0] in OUTSIDE:
+        return []
+    obj = _library_object(name)
+    if obj is _MISSING:
+        return [f"{name}: not in rcpo_losses"]
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return [f"{name}: documented with arguments but not callable"]
+    params = list(signature.parameters.values())
+    if params and params[0].name == "self":  # a method documented as Class.method(...)
+        params, signature = params[1:], signature.replace(parameters=params[1:])
+    items = _split_arguments(arguments)
+    if "..." in items:
+        return []
+    if not signature_style:  # a call: it must bind
+        positional = [i for i in items if "=" not in i.replace("==", "")]
+        keywords = {i.split("=")[0].strip(): None for i in items if i not in positional}
+        try:
+            signature.bind_partial(*positional, **keywords)
+        except TypeError as e:
+            return [f"{name}({arguments}): {e}"]
+        return []
+    want = []  # the real signature, spelled as the docs spell one
+    for p in params:
+        if p.kind is p.KEYWORD_ONLY and "*" not in want and not any(w.startswith("*") for w in want):
+            want.append("*")
+        star = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
+        default = getattr(p.default, "__name__", repr(p.default))  # a function default by its name
+        want.append(star + p.name if p.default is p.empty else f"{p.name}={default}")
+    got = [i.split("=")[0].strip() + ("=" if "=" in i else "") for i in items]
+    real = [w.split("=")[0] + ("=" if "=" in w else "") for w in want]
+    if got != real:
+        return [f"{name}({arguments}): the real signature is ({', '.join(want)})"]
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    return [
+        f"{name}: documented {item}, the default is {defaults[key]!r}"
+        for item in items
+        if "=" in item
+        for key, text in [map(str.strip, item.split("=", 1))]
+        if not _default_matches(text, defaults[key])
+    ]
+
+
+def test_every_documented_signature_is_real():
+    """``f(a, *, b=1)`` in the docs is f's signature (names, order, keyword-only marker, defaults); ``f(x, b=2)``,
+    a call, binds to it; and f is in rcpo_losses (or named in OUTSIDE)."""
+    pytest.importorskip("transformers")
+    problems, seen = [], 0
+    for path in FILES:
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+        for m in SIGNATURE.finditer(text):
+            name, arguments, returns = m.groups()
+            signature_style = bool(returns) or "*" in _split_arguments(arguments)
+            seen += 1
+            problems += [f"{path.name}: {p}" for p in _signature_problems(name, arguments, signature_style)]
+    assert seen > 50
+    assert not problems, "\n".join(problems)

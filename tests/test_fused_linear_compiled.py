@@ -161,10 +161,19 @@ def test_a_row_with_every_logit_minus_inf_is_nan_as_log_softmax_gives():
     assert logp[0].isnan() and logp[1] == -torch.inf and ent[1].isfinite()
 
 
-@pytest.mark.parametrize(("value", "want"), [("0", "False"), ("1", "True"), ("", "None")])
+SPELLINGS = [("", "None"), (" ", "None")]
+SPELLINGS += [(v, "False") for v in ("0", "false", "False", "OFF", "no", " No ")]
+SPELLINGS += [(v, "True") for v in ("1", "true", "TRUE", "on", "yes", "Yes")]
+
+
+@pytest.mark.parametrize(("value", "want"), [*SPELLINGS, ("2", None), ("disable", None), ("n", None)])
 def test_the_environment_variable_sets_cpu_compile(value, want):
     env = {k: v for k, v in os.environ.items() if k != "RCPO_LOSSES_CPU_COMPILE"}
     env["RCPO_LOSSES_CPU_COMPILE"] = value
     code = "from rcpo_losses.ops import backend; print(backend.CPU_COMPILE)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == want
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if want is None:  # neither on nor off: refused, naming the variable
+        assert out.returncode != 0 and f"ValueError: RCPO_LOSSES_CPU_COMPILE={value!r}" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want

@@ -284,3 +284,26 @@ def test_the_check_runs_once_per_class_and_config_and_leaves_the_model_as_it_was
     z = torch.nn.functional.linear(hidden, lm_head_spec(model).weight)
     z.sum().backward()
     assert model.inner.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_check_runs_under_the_autocast_of_the_forward(monkeypatch, device, dtype):
+    """As accelerate wraps the forward (Trainer's bf16 / fp16): autocast inside, fp32 outputs, none outside."""
+    import rcpo_losses.lm_head as lm_head
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from accelerate.utils import convert_outputs_to_fp32
+
+    def wrapped(model):
+        model = model.float().to(device)
+        model.forward = convert_outputs_to_fp32(torch.autocast(device, dtype=dtype)(model.forward))
+        return model
+
+    monkeypatch.setattr(lm_head, "_VERIFIED", set())
+    model = wrapped(_model("gemma2"))
+    assert model(torch.arange(4, device=device)[None]).logits.dtype == torch.float32
+    assert lm_head_spec(model).softcap == 30.0
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM\(lm_head=_TripledHead\)"):  # still caught under autocast
+        lm_head_spec(wrapped(_custom_head_model()))

@@ -18,7 +18,7 @@ datasets = pytest.importorskip("datasets")
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from rcpo_losses import IGNORE, UNRANKED, entropy_dispersion, lm_head_spec, precompute_reference_stats  # noqa: E402
-from rcpo_losses.data import REF_COLUMNS  # noqa: E402
+from rcpo_losses.data import REF_COLUMNS, RankedPreferenceCollator  # noqa: E402
 from rcpo_losses.integrations.transformers import RCPOTrainer  # noqa: E402
 
 from .test_trainer import ROWS, make_trainer, perturbed, tiny_llama, tokenizer  # noqa: E402, F401
@@ -91,18 +91,28 @@ def test_stale_statistics_name_the_row(tokenizer, tmp_path):  # noqa: F811
     rows = precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, progress=False)
     collate = trainer.data_collator
     longer = [rows[0], {**rows[1], "completions": ["stone stone stone .", "stone ."]}]
-    with pytest.raises(ValueError, match=r"row 1 \(prompt 'repeat stone one times'\).*stale.*\[4, 3\].*\[5, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"row at position 1 of the batch \(prompt 'repeat stone one times'\).*stale.*\[4, 3\].*\[5, 3\]",
+    ):
         collate(longer)
     more = [rows[0], {**rows[1], "completions": [*rows[1]["completions"], "x ."], "scores": [0.5, 1.5, 0.0]}]
-    with pytest.raises(ValueError, match="row 1 .*stale"):
+    with pytest.raises(ValueError, match="position 1 .*stale"):
         collate(more)
-    with pytest.raises(ValueError, match="row 0 .*stale"):  # retokenized shorter: max_length changed
+    with pytest.raises(ValueError, match="position 0 .*stale"):  # retokenized shorter: max_length changed
         type(collate)(tokenizer, max_length=7)(rows[:2])
     bare = {k: v for k, v in rows[2].items() if k not in REF_COLUMNS}
-    with pytest.raises(ValueError, match=r"row 1: has no \['ref_logps', 'ref_entropy_sums', 'ref_lengths'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"position 1 of the batch \(prompt .*\): has no \['ref_logps', 'ref_entropy_sums', 'ref_lengths'\]",
+    ):
         collate([rows[0], bare])
-    same_lengths = {**rows[1], "completions": ["apple apple .", "river ."]}  # other text, same lengths: not detected
-    assert collate([same_lengths])["ref_lengths"].tolist() == [[4, 3]]
+    unfingerprinted = {k: v for k, v in rows[1].items() if k != "ref_token_hash"}
+    with pytest.raises(ValueError, match="position 0 .*no ref_token_hash.*rerun precompute_reference_stats"):
+        collate([unfingerprinted])
+    same_lengths = {**rows[1], "completions": ["apple apple .", "river ."]}  # other text, same lengths
+    with pytest.raises(ValueError, match="position 0 .*computed on other tokens"):
+        collate([same_lengths])
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -288,3 +298,112 @@ def test_peft_precompute_is_the_base(tokenizer, tmp_path):  # noqa: F811
     for name, value in zip(REF_COLUMNS, want, strict=True):
         torch.testing.assert_close(batch[name], value, rtol=1e-5, atol=1e-5, msg=name)
     assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))  # adapters back on
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_peft_reference_runs_in_eval_mode(tokenizer, tmp_path, layout):  # noqa: F811
+    """With dropout in the base model, the PEFT reference is still the base in eval mode: the same every call."""
+    model = peft_llama(len(tokenizer), ["q_proj", "v_proj"])
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    base = tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    trainer = make_trainer(tokenizer, tmp_path, model=model, **LAYOUTS[layout])
+    batch = trainer.data_collator(ROWS)
+    model.train()
+    model.base_model.model.model.layers[0].eval()  # a mixed train/eval state, restored as it was
+    modes = [m.training for m in model.modules()]
+    with torch.no_grad():
+        want = trainer.response_stats(base, batch)
+        for _ in range(2):
+            got = trainer.reference_stats(model, batch)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_precompute_errors_name_the_dataset_row(tokenizer, tmp_path):  # noqa: F811
+    trainer = make_trainer(tokenizer, tmp_path)
+    rows = [dict(ROWS[i % 2]) for i in range(12)]
+    rows[9] = {**rows[9], "prompt": "a tied row " + "x " * 30, "scores": [1.0, 1.0]}
+    with pytest.raises(ValueError, match=r"^row 9 \(prompt 'a tied row x x x x x x x x x x x x x x x\.\.\.'\): .*tie"):
+        precompute_reference_stats(trainer.ref_model, rows, trainer.data_collator, batch_size=4, progress=False)
+    conversational = {**ROWS[2], "ranking": [5]}
+    with pytest.raises(ValueError, match=r"^row 2 \(prompt 'repeat cloud three times'\): 'ranking'"):
+        precompute_reference_stats(trainer.ref_model, [*ROWS[:2], conversational], trainer.data_collator)
+
+
+def test_statistics_are_tied_to_the_tokens_they_were_computed_on(tokenizer, tmp_path):  # noqa: F811
+    """Same completions and lengths, other prompt tokens (max_prompt_length, an edited prompt): the row is named."""
+    trainer = make_trainer(tokenizer, tmp_path)
+    rows = precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, progress=False)
+    assert trainer.data_collator(rows)["ref_logps"].shape == (3, 4)  # the rows they were computed on
+    truncating = RankedPreferenceCollator(tokenizer, max_prompt_length=3)
+    with pytest.raises(ValueError, match=r"position 0 .*'repeat apple two times'.*computed on other tokens"):
+        truncating(rows)
+    edited = {**rows[1], "prompt": "repeat stone two times"}
+    with pytest.raises(ValueError, match=r"position 1 .*'repeat stone two times'.*computed on other tokens"):
+        trainer.data_collator([rows[0], edited])
+    later = make_trainer(tokenizer, tmp_path, train_dataset=rows, max_prompt_length=3)  # e.g. from a DPOConfig
+    with pytest.raises(ValueError, match="computed on other tokens"):
+        later.train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stored_statistics_are_not_rounded(tokenizer, tmp_path, dtype):  # noqa: F811
+    """fp32 numbers for an fp32 model, fp64 for an fp64 one: the collated columns equal the live statistics."""
+    trainer = make_trainer(tokenizer, tmp_path, model=tiny_llama(vocab_size=len(tokenizer), seed=0).to(dtype))
+    rows = precompute_reference_stats(trainer.ref_model, ROWS, trainer.data_collator, batch_size=3, progress=False)
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():
+        live = trainer.response_stats(trainer.ref_model, batch)
+    for name, value in zip(REF_COLUMNS, live, strict=True):
+        assert batch[name].dtype == value.dtype, name
+        assert torch.equal(batch[name], value), name
+
+
+@pytest.mark.parametrize("kind", ["LoHa", "IA3"])
+def test_any_adapter_on_the_lm_head_is_refused_by_name(tokenizer, tmp_path, kind):  # noqa: F811
+    """Not LoRA only: after the head passed with its adapters off (the precomputed PEFT reference), still refused."""
+    import rcpo_losses.lm_head as lm_head
+
+    peft = pytest.importorskip("peft")
+    if kind == "LoHa":
+        config = peft.LoHaConfig(r=4, target_modules=["q_proj", "lm_head"], init_weights=False)
+    else:
+        config = peft.IA3Config(target_modules=["q_proj", "lm_head"], feedforward_modules=[], init_ia3_weights=False)
+    model = peft.get_peft_model(tiny_llama(vocab_size=len(tokenizer), seed=0), config)
+    trainer = make_trainer(tokenizer, tmp_path, model=model, fused_linear=True, precompute_ref=True)
+    head = model.get_output_embeddings()
+    with model.disable_adapter():
+        off = lm_head._fingerprint(lm_head.unwrap_model(model))
+    assert off in lm_head._VERIFIED and lm_head._fingerprint(lm_head.unwrap_model(model)) != off
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    with pytest.raises(TypeError, match=rf"unmerged {kind} adapter\(s\) \['default'\].*fused_linear=False"):
+        trainer.compute_loss(trainer.model, batch)
+    unfused = make_trainer(tokenizer, tmp_path, model=model)  # from the logits the adapter is exact, and trained
+    unfused.compute_loss(unfused.model, batch).backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in head.named_parameters() if "default" in n)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_precompute_runs_under_the_autocast_of_training(tokenizer, tmp_path, fused):  # noqa: F811
+    """bf16=True: the precomputed reference is the policy as the steps run it, so the step-0 rewards are 0."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, save_strategy="no",
+                             bf16=True, learning_rate=0.0, disable_tqdm=True)  # fmt: skip
+    model = tiny_llama(vocab_size=len(tokenizer), seed=0)
+    trainer = RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, fused_linear=fused,
+                          layout="padded", precompute_ref=True)  # fmt: skip
+    assert "forward" not in vars(trainer.model)  # the training wrapper was taken off again
+    rewards = []
+    compute_loss = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, out = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        rewards.append(out["rewards"])
+        return loss
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert hasattr(trainer.model, "_original_forward") and len(rewards) == 1  # the step ran under autocast
+    assert torch.equal(rewards[0], torch.zeros_like(rewards[0])), rewards  # other row order, same numbers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -59,10 +60,11 @@ def tokenizer():
     return train_rcpo.build_tokenizer(load_dataset("json", data_files=str(DATA), split="train"))
 
 
-def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no")
+def make_trainer(tokenizer, tmp_path, loss="mallows_rmj_topk", model=None, bf16=False, train_dataset=ROWS, **kwargs):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, save_strategy="no",
+                             bf16=bf16)  # fmt: skip
     model = tiny_llama(vocab_size=len(tokenizer), seed=0) if model is None else model
-    return RCPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss,
+    return RCPOTrainer(model, args=args, train_dataset=train_dataset, processing_class=tokenizer, loss=loss,
                        beta=0.5, **kwargs)  # fmt: skip
 
 
@@ -243,6 +245,10 @@ def test_bad_arguments(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, loss="mnl_pairwise", k=1)  # top-1 lists have no worst response
     with pytest.raises(ValueError, match=r"ranks\[0\]: a pairwise loss compares the best and the worst"):
         trainer.compute_loss(trainer.model, trainer.data_collator(ROWS))
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="ref_model: is the policy model itself"):
+        RCPOTrainer(model, model, args=args, train_dataset=ROWS, processing_class=tokenizer)
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
 
 
 def test_top_bottom_and_kendall_tau():
@@ -326,3 +332,36 @@ def test_each_evaluation_reports_its_own_rows_under_its_own_prefix(tokenizer, tm
     assert not [k for k in both if "/" in k and not k.startswith(("eval_a_", "eval_b_"))], both
     logged = [h for h in trainer.state.log_history if "eval_b_loss" in h][-1]
     assert ours(logged, "eval_b") == ours(other, "test") and not leaked(logged, "eval_b"), logged
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_trains_with_bf16_autocast(tokenizer, tmp_path, monkeypatch, layout, fused):
+    """bf16=True: accelerate runs the forward under (CPU) autocast; the first-seen head check runs there too."""
+    import rcpo_losses.lm_head as lm_head
+
+    monkeypatch.setattr(lm_head, "_VERIFIED", set())  # the check must run inside the trainer's wrapped forward
+    trainer = make_trainer(tokenizer, tmp_path, fused_linear=fused, layout=layout, bf16=True)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert hasattr(trainer.model, "_original_forward")  # accelerate did wrap the forward in autocast
+    assert bool(lm_head._VERIFIED) == fused
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [
+        trainer.state.log_history[-1]["train_loss"]
+    ]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before, strict=True))
+
+
+def test_an_override_of_response_stats_is_used_by_the_precomputed_reference(tokenizer, tmp_path):
+    class Tempered(RCPOTrainer):
+        def response_stats(self, model, inputs, *, entropy=True):
+            stats = super().response_stats(model, inputs, entropy=entropy)
+            return stats._replace(logps=stats.logps / 2)  # e.g. temperature 2
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, save_strategy="no")
+    trainer = Tempered(tiny_llama(vocab_size=len(tokenizer), seed=0), args=args, train_dataset=ROWS,
+                       processing_class=tokenizer, precompute_ref=True)  # fmt: skip
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    torch.testing.assert_close(out["rewards"], torch.zeros_like(out["rewards"]), rtol=0, atol=1e-6)

@@ -23,8 +23,9 @@ from torch import Tensor
 from transformers import Trainer
 
 from .. import nn as rcpo_nn
-from ..data import REF_COLUMNS, RankedPreferenceCollator
+from ..data import PRECOMPUTED_COLUMNS, REF_COLUMNS, RankedPreferenceCollator
 from ..dispersion import entropy_dispersion
+from ..lm_head import eval_mode
 from ..metrics import ranking_metrics
 from ..mnl import mnl_topk
 from ..model_stats import prefix_shared_support, response_stats
@@ -107,7 +108,9 @@ class RCPOTrainer(Trainer):
         model: the policy, a causal LM.
         ref_model: the reference model; ``None``: a frozen copy of ``model`` made here, before
             training, or for a PEFT model the model with its adapters disabled
-            (``model.disable_adapter()``, no copy). Pass it explicitly when resuming from a
+            (``model.disable_adapter()``, no copy); not ``model`` itself (refused: it would
+            freeze the policy). Every route runs the reference in eval mode (no dropout; the
+            policy's train/eval flags are restored after). Pass it explicitly when resuming from a
             checkpoint. It is prepared by the trainer's accelerator as the policy is (sharded
             under FSDP and DeepSpeed ZeRO-3, :func:`prepare_reference_model`), in eval mode.
         args: ``TrainingArguments``. A TRL ``DPOConfig`` (or any arguments with ``beta``,
@@ -130,9 +133,10 @@ class RCPOTrainer(Trainer):
         max_length, max_prompt_length, ties: passed to the collator.
         precompute_ref: run the reference once over ``train_dataset`` and ``eval_dataset``
             before training (:func:`~rcpo_losses.precompute_reference_stats`, batches of
-            ``args.per_device_eval_batch_size``) and keep no reference model. Rows that already
-            carry the ``ref_logps``, ``ref_entropy_sums`` and ``ref_lengths`` columns need no
-            reference model either.
+            ``args.per_device_eval_batch_size``, through :meth:`response_stats` and under the
+            autocast of training, ``bf16`` / ``fp16``) and keep no reference model. Rows that
+            already carry the ``ref_logps``, ``ref_entropy_sums``, ``ref_lengths`` and
+            ``ref_token_hash`` columns need no reference model either.
         layout: the collator's layout: ``"prefix_shared"`` (default: each prompt computed once,
             no padding, the LM head on completion tokens only) or ``"padded"``. A model that
             cannot take the prefix-shared mask (:func:`rcpo_losses.model_stats.prefix_shared_support`:
@@ -176,6 +180,11 @@ class RCPOTrainer(Trainer):
             raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
         if model is None:
             raise ValueError("model: RCPOTrainer needs the policy model")
+        if ref_model is not None and ref_model is model:
+            raise ValueError(
+                "ref_model: is the policy model itself, which would freeze it. Pass ref_model=None (a frozen copy "
+                "of model is made; the base with its adapters disabled for a PEFT model), or a copy of model"
+            )
         beta = getattr(args, "beta", 0.1) if beta is None else beta
         max_length = getattr(args, "max_length", None) if max_length is None else max_length
         max_prompt_length = getattr(args, "max_prompt_length", None) if max_prompt_length is None else max_prompt_length
@@ -221,7 +230,7 @@ class RCPOTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # The collator reads the raw row columns, not the model's forward arguments.
         if self._signature_columns is None:
-            self._signature_columns = [*ROW_COLUMNS, *REF_COLUMNS]
+            self._signature_columns = [*ROW_COLUMNS, *PRECOMPUTED_COLUMNS]
 
     # ------------------------------------------------------------------ model -> per-response statistics
 
@@ -248,11 +257,16 @@ class RCPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ the reference model
 
+    @contextlib.contextmanager
     def reference_context(self, model):
-        """Where the reference runs: ``model.disable_adapter()`` for the PEFT base, else nothing."""
-        if self.peft_reference:
-            return self.accelerator.unwrap_model(model).disable_adapter()
-        return contextlib.nullcontext()
+        """Where the reference runs: eval mode (no dropout), inside ``model.disable_adapter()`` for the PEFT base.
+
+        ``model`` is the reference itself, or the policy for the PEFT base; every module's
+        train/eval flag is restored after.
+        """
+        inner = self.accelerator.unwrap_model(model)
+        with eval_mode(inner), inner.disable_adapter() if self.peft_reference else contextlib.nullcontext():
+            yield
 
     def reference_stats(self, model, inputs: dict[str, Tensor]) -> ResponseTokenStats:
         """The reference statistics ``[B, S]``: the batch's precomputed ``ref_*`` columns, or a no-grad forward.
@@ -261,17 +275,48 @@ class RCPOTrainer(Trainer):
         model without ``ref_model``.
         """
         if "ref_logps" in inputs:
-            return ResponseTokenStats(*(inputs[name] for name in REF_COLUMNS))
+            return ResponseTokenStats(*(inputs[name] for name in REF_COLUMNS))  # fp64 for an fp64 model's values
         if self.ref_model is None and not self.peft_reference:
             raise ValueError(
                 "inputs: the batch has no precomputed ref_logps / ref_entropy_sums / ref_lengths and the trainer "
                 "holds no reference model; precompute them for every dataset (precompute_ref=True)"
             )
-        with torch.no_grad(), self.reference_context(model):
-            stats = self.response_stats(model if self.ref_model is None else self.ref_model, inputs)
+        reference = model if self.ref_model is None else self.ref_model
+        with torch.no_grad(), self.reference_context(reference):
+            stats = self.response_stats(reference, inputs)
         if self.ref_model is not None:
             release_reference(self.ref_model)  # an FSDP2 reference's root goes back to its shard
         return stats
+
+    @contextlib.contextmanager
+    def _forward_as_in_training(self, model):
+        """``model.forward`` as the accelerator wraps it for training (``bf16`` / ``fp16``: autocast, fp32 outputs).
+
+        So that precomputed statistics are the numbers the live reference would give at each step.
+        """
+        if not self.accelerator.native_amp or "_original_forward" in vars(model):  # no autocast, or wrapped already
+            yield
+            return
+        from accelerate.utils import convert_outputs_to_fp32
+
+        forward, own = model.forward, vars(model).get("forward")
+
+        def autocast_forward(*args, **kwargs):
+            with self.accelerator.autocast():
+                return forward(*args, **kwargs)
+
+        model.forward = convert_outputs_to_fp32(autocast_forward)
+        try:
+            yield
+        finally:
+            if own is None:
+                del model.forward  # the class's forward again
+            else:
+                model.forward = own
+
+    def _reference_response_stats(self, model, inputs, *, fused_linear: bool, entropy: bool) -> ResponseTokenStats:
+        """:meth:`response_stats` (an override included) as ``precompute_reference_stats`` calls it."""
+        return self.response_stats(model, inputs, entropy=entropy)
 
     def _precompute_reference(self) -> None:
         """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model.
@@ -285,22 +330,23 @@ class RCPOTrainer(Trainer):
         def add(rows):
             if rows is None or has_reference_stats(rows):
                 return rows
-            mine = [rows[i] for i in range(rank, len(rows), world)]
-            with self.reference_context(self.model):
+            indices = range(rank, len(rows), world)
+            with self.reference_context(reference), self._forward_as_in_training(reference):
                 part = precompute_reference_stats(
-                    reference, mine, self.data_collator, batch_size=self.args.per_device_eval_batch_size,
-                    fused_linear=self.fused_linear,
+                    reference, [rows[i] for i in indices], self.data_collator,
+                    batch_size=self.args.per_device_eval_batch_size, fused_linear=self.fused_linear,
                     progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
+                    stats=self._reference_response_stats, indices=indices,
                 )  # fmt: skip
-            parts = [[[row[name] for name in REF_COLUMNS] for row in part]]
+            parts = [[[row[name] for name in PRECOMPUTED_COLUMNS] for row in part]]
             if world > 1:
                 from accelerate.utils import gather_object
 
                 parts = gather_object(parts)  # one list per rank
-            columns = {name: [None] * len(rows) for name in REF_COLUMNS}
+            columns = {name: [None] * len(rows) for name in PRECOMPUTED_COLUMNS}
             for r, values in enumerate(parts):
                 for i, row in zip(range(r, len(rows), world), values, strict=True):
-                    for name, value in zip(REF_COLUMNS, row, strict=True):
+                    for name, value in zip(PRECOMPUTED_COLUMNS, row, strict=True):
                         columns[name][i] = value
             return with_reference_columns(rows, columns)
 
@@ -317,6 +363,8 @@ class RCPOTrainer(Trainer):
         ranks = inputs["ranks"]
         policy = self.response_stats(model, inputs, entropy=False)
         ref = self.reference_stats(model, inputs)
+        dtype = policy.logps.dtype  # stored fp64 statistics with an fp32 policy
+        ref = ref._replace(logps=ref.logps.to(dtype), entropy_sums=ref.entropy_sums.to(dtype))
         vocab_size = self.vocab_size
         loss_ranks = top_bottom_ranks(ranks) if self.loss_name in PAIRWISE else ranks
         neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, loss_ranks, vocab_size)

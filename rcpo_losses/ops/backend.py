@@ -128,8 +128,24 @@ def cpu_vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
 # sweep through memory, inductor fuses them into one loop. None: compile where inductor can
 # build C++ (a compiler on the PATH; the first failure falls back to eager for the rest of the
 # process, with one warning); True/False: force it on or off. fp64 (the verification dtype) stays eager.
-# The environment variable RCPO_LOSSES_CPU_COMPILE=0 or =1 sets it for a process and its children.
-CPU_COMPILE: bool | None = {"0": False, "1": True}.get(os.environ.get("RCPO_LOSSES_CPU_COMPILE", ""))
+# The environment variable RCPO_LOSSES_CPU_COMPILE (1/0, true/false, on/off, yes/no) sets it for a process
+# and its children.
+ON, OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_switch(name: str) -> bool | None:
+    """The environment variable ``name`` as a switch: True for 1/true/on/yes, False for 0/false/off/no (any case).
+
+    None when it is unset or empty; any other value raises ``ValueError`` naming the variable.
+    """
+    value = os.environ.get(name, "")
+    word = value.strip().lower()
+    if word in ON or word in OFF or not word:
+        return None if not word else word in ON
+    raise ValueError(f"{name}={value!r}: expected one of {'/'.join(ON)} (on) or {'/'.join(OFF)} (off), or unset")
+
+
+CPU_COMPILE: bool | None = env_switch("RCPO_LOSSES_CPU_COMPILE")
 _COMPILE_FAILED: list[BaseException] = []
 
 
