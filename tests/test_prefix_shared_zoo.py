@@ -232,3 +232,36 @@ def test_probe_completions_outrun_every_window_and_chunk():
     prompts, completions = model_stats._probe_rows(config, V)
     assert max(len(c) for cs in completions for c in cs) > 11 and min(len(c) for cs in completions for c in cs) == 1
     assert len({len(cs) for cs in completions}) > 1  # rows of different S
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "llama-flash_attention_2"])
+def test_trainer_trains_prefix_shared_by_default(family, tmp_path, monkeypatch, fresh_checks):
+    from rcpo_losses.integrations.transformers import RCPOTrainer
+
+    flash = family.endswith("flash_attention_2")
+    model = zoo_model(family.split("-")[0], torch.float32, attn="eager" if family == "gemma3_text" else "sdpa")
+    if flash:
+        model.config._attn_implementation = "flash_attention_2"  # as loaded with it (flash_attn is not installed)
+    seen = []  # (layout, attention implementation) of each forward the trainer ran
+    stats = RCPOTrainer.response_stats
+
+    def spy(self, m, inputs, **kwargs):
+        seen.append(("prefix_shared" if "target_index" in inputs else "padded", m.config._attn_implementation))
+        return stats(self, m, inputs, **kwargs)
+
+    monkeypatch.setattr(RCPOTrainer, "response_stats", spy)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, per_device_train_batch_size=2,
+        save_strategy="no", logging_steps=1,
+    )  # fmt: skip
+    trainer = RCPOTrainer(model, args=args, train_dataset=random_rows(0) + random_rows(1),
+                          processing_class=IntTokenizer(), beta=0.5)  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train()
+    assert trainer.data_collator.layout == "prefix_shared" and trainer.switch_attention == flash
+    assert set(seen) == {("prefix_shared", "sdpa" if flash else model.config._attn_implementation)}
+    assert len(seen) == 4  # policy and reference, two steps
+    assert model.config._attn_implementation == ("flash_attention_2" if flash else model.config._attn_implementation)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
