@@ -110,7 +110,8 @@ def prefix_shared_support(model: nn.Module, *, attention: bool = True) -> str | 
     alibi = getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False)
     if alibi or getattr(config, "model_type", None) == "bloom":
         return f"{family} uses ALiBi: its attention bias follows the distance in the packed sequence, not the positions"
-    if "position_ids" not in inspect.signature(inner.forward).parameters:
+    # the class's forward: accelerate replaces the instance's with an autocast wrapper (*args, **kwargs)
+    if "position_ids" not in inspect.signature(type(inner).forward).parameters:
         return (
             f"{family}'s forward takes no position_ids: its positions would count from the start of the packed "
             "sequence instead of restarting at each completion"
