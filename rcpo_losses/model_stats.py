@@ -84,7 +84,7 @@ def layer_masks(config) -> dict[str | None, tuple[int | None, int | None]]:
     return out
 
 
-def prefix_shared_support(model: nn.Module, *, attention: bool = True) -> str | None:
+def prefix_shared_support(model: nn.Module) -> str | None:
     """Why ``model`` cannot run the prefix-shared layout, or None when nothing rules it out before the probe.
 
     Refused by name: encoder-decoders; multimodal wrappers (a config with a separate text
@@ -92,10 +92,10 @@ def prefix_shared_support(model: nn.Module, *, attention: bool = True) -> str | 
     follows the distance in the packed sequence); a forward without ``position_ids`` (learned or
     rotary positions would count from the start of the packed sequence); layer types whose state
     runs along the sequence (``linear_attention``, ``conv``, mamba) or that :func:`layer_masks`
-    does not know. With ``attention`` (default), also an attention implementation outside
-    ``MASKED_ATTENTION`` (``flash_attention_2`` ignores a custom mask; RCPOTrainer switches it,
+    does not know; an attention implementation outside ``MASKED_ATTENTION``
+    (``flash_attention_2`` ignores a custom mask; RCPOTrainer switches it,
     :func:`mask_attention_implementation`). A family that passes runs the first-seen probe of
-    :func:`check_prefix_shared`.
+    :func:`prefix_shared_problem`.
     """
     inner = unwrap_model(model)
     outer, config = inner.config, _config(inner)
@@ -125,7 +125,7 @@ def prefix_shared_support(model: nn.Module, *, attention: bool = True) -> str | 
     except ValueError as e:
         return f"{family}: {e}"
     impl = getattr(config, "_attn_implementation", None)
-    if attention and impl not in MASKED_ATTENTION:
+    if impl not in MASKED_ATTENTION:
         return (
             f"{family} with attention implementation {impl!r} takes no custom attention mask "
             f"(supported: {', '.join(MASKED_ATTENTION)})"

@@ -265,3 +265,20 @@ def test_trainer_trains_prefix_shared_by_default(family, tmp_path, monkeypatch, 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_the_probe_tolerance_follows_autocast_inside_the_forward(fresh_checks):
+    """An fp32 model whose forward runs under bf16 autocast (accelerate wraps it so) gets the half tolerance."""
+    model = zoo_model("mistral", torch.float32)
+    plain = model_stats._probe(model)
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+    err, scale, eps = model_stats._probe(model)
+    assert plain[2] == 2e-3 and eps == 4e-2  # fp32, then autocast seen inside the forward
+    assert plain[0] <= 1e-5 * plain[1] < err <= eps * scale  # bf16 rounding, within the half tolerance
+    check_prefix_shared(model)
