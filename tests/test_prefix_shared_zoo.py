@@ -8,6 +8,7 @@ each config's ``layer_types`` and the first-seen probe (``check_prefix_shared``)
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -282,3 +283,29 @@ def test_the_probe_tolerance_follows_autocast_inside_the_forward(fresh_checks):
     assert plain[2] == 2e-3 and eps == 4e-2  # fp32, then autocast seen inside the forward
     assert plain[0] <= 1e-5 * plain[1] < err <= eps * scale  # bf16 rounding, within the half tolerance
     check_prefix_shared(model)
+
+
+def test_other_refusals_by_name():
+    """Encoder-decoders, multimodal wrappers, forwards without position_ids: refused before any probe."""
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=V, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    )
+    assert "is an encoder-decoder" in model_stats.prefix_shared_support(t5)
+
+    class NoPositions(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):  # positions from the sequence index
+            return super().forward(input_ids, attention_mask=attention_mask, **kwargs)
+
+    model = zoo_model("llama", torch.float32)
+    assert model_stats.prefix_shared_support(model) is None
+    assert "forward takes no position_ids" in model_stats.prefix_shared_support(NoPositions(model.config))
+    wrapper = zoo_model("llama", torch.float32)
+    text = copy.deepcopy(wrapper.config)
+    object.__setattr__(wrapper.config, "get_text_config", lambda *args, **kwargs: text)
+    assert "is a multimodal wrapper" in model_stats.prefix_shared_support(wrapper)
+    recurrent = zoo_model("llama", torch.float32)
+    recurrent.config.layer_types = ["full_attention", "linear_attention"]
+    assert "['linear_attention'] whose state runs along the sequence" in model_stats.prefix_shared_support(recurrent)
+    recurrent.config.layer_types = ["full_attention", "some_new_attention"]
+    with pytest.raises(ValueError, match="layer type 'some_new_attention' is not one the prefix-shared mask encodes"):
+        check_prefix_shared(recurrent)
