@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .fused_linear import fused_linear_token_stats
-from .lm_head import _HALF_TOLERANCE, _TOLERANCE, _fingerprint, final_hidden_states, lm_head_spec, unwrap_model
+from .lm_head import final_hidden_states, lm_head_spec, unwrap_model
 from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared, pack_prefix_shared
 from .ranks import IGNORE
 from .tokens import ResponseTokenStats, token_logps_and_entropy
@@ -44,9 +44,13 @@ LAYER_TYPES = {
 # Layer types whose state runs along the whole sequence (no mask can keep completions apart).
 RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding")
 
-# The first-seen check of the prefix-shared layout against the padded one: on by default (check_prefix_shared).
+# The first-seen check of the prefix-shared layout against the padded one: on by default (prefix_shared_problem).
 VERIFY = True
-_VERIFIED: set[tuple] = set()  # (model class, head class, config fields, attention implementation) that agreed
+_VERIFIED: set[tuple] = set()  # (model class, config fields with the attention implementation) that agreed
+# Largest max|h_packed - h_alone| / max|h_alone| accepted, by dtype; HALF: bf16/fp16 or autocast. The values of
+# lm_head's first-seen check (tests/test_prefix_shared_zoo.py keeps them equal).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
+HALF_TOLERANCE = 4e-2
 
 
 def _config(model: nn.Module):
@@ -199,7 +203,7 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
     mode under ``no_grad``, and the final hidden states of the rows that predict completion
     tokens must agree: :math:`\max |h_{packed} - h_{padded}| \le \epsilon \max |h_{padded}|`,
     ``eps = 1e-6`` in fp64, ``2e-3`` in fp32, ``4e-2`` for bf16/fp16 or when the forward runs
-    under autocast (seen inside the forward), the tolerances of
+    under autocast (seen inside the forward): ``TOLERANCE`` and ``HALF_TOLERANCE``, those of
     :func:`~rcpo_losses.lm_head.check_lm_head_spec`. A family whose attention depends on
     anything but the mask and the position ids (a bias over sequence indices, positions from
     ``arange``, a mask it builds itself) differs there. Its cost: one forward of each layout on
@@ -213,7 +217,7 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
         return reason
     inner = unwrap_model(model)
     impl = _config(inner)._attn_implementation
-    key = (*_fingerprint(inner), impl)
+    key = _fingerprint(inner)
     if key in _VERIFIED:
         return None
     try:
@@ -230,6 +234,13 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
         )
     _VERIFIED.add(key)
     return None
+
+
+def _fingerprint(inner: nn.Module) -> tuple:
+    """``(model class, config fields)``, the attention implementation among them: the key of a model checked."""
+    # special token ids left out: Trainer rewrites them at the first step to match the tokenizer
+    fields = vars(inner.config).items()
+    return type(inner), repr(sorted((k, v) for k, v in fields if not k.endswith(("_token_id", "_token_ids"))))
 
 
 def _probe_rows(config, vocab: int) -> tuple[list, list]:
@@ -277,7 +288,7 @@ def _probe(inner: nn.Module) -> tuple[float, float, float]:
             m.training = training
     dtypes = {want.dtype, embeddings.weight.dtype}
     half = bool(dtypes & {torch.bfloat16, torch.float16}) or any(seen)
-    eps = _HALF_TOLERANCE if half else max(_TOLERANCE.get(d, _HALF_TOLERANCE) for d in dtypes)
+    eps = HALF_TOLERANCE if half else max(TOLERANCE.get(d, HALF_TOLERANCE) for d in dtypes)
     want, got = want.double(), got.double()
     return float((got - want).abs().max()), float(want.abs().max()), eps
 
