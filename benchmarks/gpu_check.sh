@@ -58,6 +58,7 @@ declare -A QUICK_ROWS=(
     [bench_tokens]='\[(fwd|fwd_bwd)-(chunked|triton|trl)-16384x128256-bf16\]'
     [bench_fused_linear]='\[(fwd|fwd_bwd)-(unfused|fused|fused\.noent|trl\.chunked|cce|liger)-4096x4096x128256-bfloat16\]'
     [bench_ranked_step]='test_ranked_step\[(ranked|dpo_pair)-(padded_all_rows|prefix_shared)\]'
+    [bench_user_kernel]='test_user_kernel_step' # the step with flash_attention_2 padded vs switched to flex prefix-shared
 )
 
 status=0

@@ -8,29 +8,49 @@ that predict a completion token. The batch is either layout of
 
 The prefix-shared layout needs attention that takes a custom mask: the model gets a 4D
 mask (``sdpa``: bool, ``eager``: additive) or a FlexAttention ``BlockMask``
-(``flex_attention``), with each family's sliding windows encoded in it. Other attention
-implementations (``flash_attention_2`` ignores custom masks) and untested families raise
-(:func:`prefix_shared_support`). Duck-typed: nothing here imports ``transformers``.
+(``flex_attention``), one per attention layer type of its config, with the layer type's
+sliding window or chunk encoded in it (:func:`prefix_shared_attention_mask`). No family is
+named: the first time a model (class, config, attention implementation) meets the layout,
+a small probe batch runs both ways and must agree (:func:`check_prefix_shared`). Families
+whose attention the mask cannot describe are refused by name (:func:`prefix_shared_support`).
+Duck-typed: nothing here imports ``transformers``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import inspect
 
 import torch
 from torch import Tensor, nn
 
 from .fused_linear import fused_linear_token_stats
 from .lm_head import final_hidden_states, lm_head_spec, unwrap_model
-from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared
+from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared, pack_prefix_shared
 from .ranks import IGNORE
 from .tokens import ResponseTokenStats, token_logps_and_entropy
 
-# How each tested family takes a custom mask: "one" 4D mask for every layer (its sliding window,
-# if any, applies to all layers), or a dict {layer type: mask} (per-layer full / sliding attention).
-# Hugging Face returns a 4D mask as-is, skipping the sliding window it would add, so the window
-# must be in the mask: checked against the padded layout with sequences longer than the window.
-PREFIX_SHARED_FAMILIES = {"llama": "one", "mistral": "one", "qwen2": "by_layer_type", "gemma2": "by_layer_type"}
+# Attention implementations that apply the attention_mask they are given. Others (flash_attention_2 / 3,
+# hub kernels) ignore a custom mask and would attend across completions: RCPOTrainer switches them to
+# mask_attention_implementation() around its steps.
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# What limits a query's keys, besides causality, in each attention layer type of config.layer_types:
+# the config field holding the sliding window or chunk (Hugging Face's masking_utils reads the same).
+LAYER_TYPES = {
+    "full_attention": None,
+    "sliding_attention": "sliding_window",
+    "chunked_attention": "attention_chunk_size",
+}
+# Layer types whose state runs along the whole sequence (no mask can keep completions apart).
+RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding")
+
+# The first-seen check of the prefix-shared layout against the padded one: on by default (prefix_shared_problem).
+VERIFY = True
+_VERIFIED: set[tuple] = set()  # (model class, config fields with the attention implementation) that agreed
+# Largest max|h_packed - h_alone| / max|h_alone| accepted, by dtype; HALF: bf16/fp16 or autocast. The values of
+# lm_head's first-seen check (tests/test_prefix_shared_zoo.py keeps them equal).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
+HALF_TOLERANCE = 4e-2
 
 
 def _config(model: nn.Module):
@@ -39,67 +59,269 @@ def _config(model: nn.Module):
     return get_text() if callable(get_text) else config
 
 
-def prefix_shared_support(model: nn.Module) -> str | None:
-    """Why ``model`` cannot run the prefix-shared layout exactly, or None when it can.
+def _family(model: nn.Module) -> str:
+    inner = unwrap_model(model)
+    return f"{type(inner).__name__} ({getattr(_config(inner), 'model_type', None)!r})"
 
-    Supported: the families of ``PREFIX_SHARED_FAMILIES`` (Llama, Mistral, Qwen2, Gemma-2;
-    ``config.model_type``) with ``config._attn_implementation`` in ``MASKED_ATTENTION``
-    (``sdpa``, ``eager``, ``flex_attention``). ``flash_attention_2`` and the other kernels
-    take no custom mask (they would attend across completions); other families are untested.
+
+def layer_masks(config) -> dict[str | None, tuple[int | None, int | None]]:
+    """``{layer type: (sliding window, chunk)}`` of the masks a config's attention layers need.
+
+    One entry per type in ``config.layer_types`` (``full_attention``: ``(None, None)``;
+    ``sliding_attention``: ``(config.sliding_window, None)``; ``chunked_attention``:
+    ``(None, config.attention_chunk_size)``); a config without ``layer_types`` has one
+    layer type ``None`` with ``config.sliding_window`` and ``config.attention_chunk_size``
+    when set. ``ValueError`` for a layer type this module does not know.
     """
-    config = _config(model)
-    family = getattr(config, "model_type", None)
-    supported = ", ".join(PREFIX_SHARED_FAMILIES)
-    if family not in PREFIX_SHARED_FAMILIES:
-        return f"model family {family!r} is not one the prefix-shared layout is tested on ({supported})"
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {None: (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))}
+    out = {}
+    for t in sorted(set(types)):
+        if t not in LAYER_TYPES:
+            raise ValueError(f"layer type {t!r} is not one the prefix-shared mask encodes ({', '.join(LAYER_TYPES)})")
+        field = LAYER_TYPES[t]
+        value = None if field is None else getattr(config, field, None)
+        if field is not None and value is None:
+            raise ValueError(f"layer type {t!r} but config.{field} is None")
+        out[t] = (value, None) if field == "sliding_window" else (None, value)
+    return out
+
+
+def prefix_shared_support(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run the prefix-shared layout, or None when nothing rules it out before the probe.
+
+    Refused by name: encoder-decoders; multimodal wrappers (a config with a separate text
+    config: load the language model alone); ALiBi (Bloom, MPT, Falcon with ``alibi``: the bias
+    follows the distance in the packed sequence); a forward without ``position_ids`` (learned or
+    rotary positions would count from the start of the packed sequence); layer types whose state
+    runs along the sequence (``linear_attention``, ``conv``, mamba) or that :func:`layer_masks`
+    does not know; an attention implementation outside ``MASKED_ATTENTION``
+    (``flash_attention_2`` ignores a custom mask; RCPOTrainer switches it,
+    :func:`mask_attention_implementation`). A family that passes runs the first-seen probe of
+    :func:`prefix_shared_problem`.
+    """
+    inner = unwrap_model(model)
+    outer, config = inner.config, _config(inner)
+    family = _family(inner)
+    if getattr(outer, "is_encoder_decoder", False):
+        return f"{family} is an encoder-decoder: its decoder attends to the encoder, not to a packed prompt"
+    if config is not outer:
+        return (
+            f"{family} is a multimodal wrapper (its text model has its own config): its forward builds masks "
+            "for image tokens the packed layout does not know; load the language model alone"
+        )
+    alibi = getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False)
+    if alibi or getattr(config, "model_type", None) == "bloom":
+        return f"{family} uses ALiBi: its attention bias follows the distance in the packed sequence, not the positions"
+    # the class's forward: accelerate replaces the instance's with an autocast wrapper (*args, **kwargs)
+    if "position_ids" not in inspect.signature(type(inner).forward).parameters:
+        return (
+            f"{family}'s forward takes no position_ids: its positions would count from the start of the packed "
+            "sequence instead of restarting at each completion"
+        )
+    types = set(getattr(config, "layer_types", None) or [])
+    recurrent = sorted(types & set(RECURRENT_LAYER_TYPES))
+    if recurrent:
+        return f"{family} has layer types {recurrent} whose state runs along the sequence, across completions"
+    try:
+        layer_masks(config)
+    except ValueError as e:
+        return f"{family}: {e}"
     impl = getattr(config, "_attn_implementation", None)
     if impl not in MASKED_ATTENTION:
         return (
             f"{family} with attention implementation {impl!r} takes no custom attention mask "
             f"(supported: {', '.join(MASKED_ATTENTION)})"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
-    if unknown:
-        return f"{family} has layer types {unknown} that the prefix-shared mask does not encode"
-    if PREFIX_SHARED_FAMILIES[family] == "one" and len(set(layer_types)) > 1:
-        return f"{family} has mixed layer types {sorted(set(layer_types))} but takes one mask for all layers"
     return None
 
 
-def check_prefix_shared(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the family and the supported ones when ``model`` cannot take the layout."""
-    reason = prefix_shared_support(model)
+def mask_attention_implementation(model: nn.Module) -> str | None:
+    """The implementation to run ``model``'s prefix-shared steps with, or None when its own takes the mask.
+
+    ``flex_attention`` on CUDA (its ``BlockMask`` skips the masked blocks), ``sdpa`` elsewhere,
+    ``eager`` for a model that supports neither.
+    """
+    inner = unwrap_model(model)
+    if _config(inner)._attn_implementation in MASKED_ATTENTION:
+        return None
+    cuda = next(inner.parameters()).is_cuda
+    if cuda and getattr(inner, "_supports_flex_attn", False):
+        return "flex_attention"
+    return "sdpa" if getattr(inner, "_supports_sdpa", False) else "eager"
+
+
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, implementation: str | None):
+    """Run ``model`` with ``implementation`` (``set_attn_implementation``) inside the block, then restore its own.
+
+    The restore writes back each config's implementation as it was (no new availability check:
+    a ``flash_attention_2`` the user loaded stays as it was). ``None``: no change.
+    """
+    inner = unwrap_model(model)
+    if implementation is None or inner.config._attn_implementation == implementation:
+        yield
+        return
+    configs = {
+        id(m.config): m.config
+        for m in inner.modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation_internal")
+    }
+    for config in list(configs.values()):
+        for key in getattr(config, "sub_configs", {}):
+            sub = getattr(config, key, None)
+            if hasattr(sub, "_attn_implementation_internal"):
+                configs[id(sub)] = sub
+    saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+    inner.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation_internal = saved[k]
+
+
+def check_prefix_shared(model: nn.Module, *, verify: bool | None = None) -> None:
+    r"""Raise ``ValueError`` naming the family when ``model`` cannot take the prefix-shared layout exactly.
+
+    The reason is :func:`prefix_shared_problem`'s: a refusal of :func:`prefix_shared_support`,
+    or the first-seen probe's difference.
+    """
+    reason = prefix_shared_problem(model, verify=verify)
     if reason is not None:
         raise ValueError(f"model: {reason}; collate with layout='padded' instead")
 
 
+def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> str | None:
+    r"""Why ``model`` does not give the padded layout's statistics in the prefix-shared one, or None.
+
+    First the refusals of :func:`prefix_shared_support`; then, the first time a (model class,
+    config, attention implementation) is seen in the process, the probe: one small ranked batch
+    (two prompts, completions of 1 token up to one longer than every sliding window and chunk
+    the config names, rows of different ``S``) runs through the model in both layouts in eval
+    mode under ``no_grad``, and the final hidden states of the rows that predict completion
+    tokens must agree: :math:`\max |h_{packed} - h_{padded}| \le \epsilon \max |h_{padded}|`,
+    ``eps = 1e-6`` in fp64, ``2e-3`` in fp32, ``4e-2`` for bf16/fp16 or when the forward runs
+    under autocast (seen inside the forward): ``TOLERANCE`` and ``HALF_TOLERANCE``, those of
+    :func:`~rcpo_losses.lm_head.check_lm_head_spec`. A family whose attention depends on
+    anything but the mask and the position ids (a bias over sequence indices, positions from
+    ``arange``, a mask it builds itself) differs there. Its cost: one forward of each layout on
+    about ``w + 30`` tokens each (``w`` the longest window or chunk; the
+    padded one as its 6 sequences alone, no padding), once per key.
+    ``verify=False`` (or ``rcpo_losses.model_stats.VERIFY = False``) skips the probe; so does a
+    ``torch.compile`` trace.
+    """
+    reason = prefix_shared_support(model)
+    if reason is not None or not (VERIFY if verify is None else verify) or torch.compiler.is_compiling():
+        return reason
+    inner = unwrap_model(model)
+    impl = _config(inner)._attn_implementation
+    key = _fingerprint(inner)
+    if key in _VERIFIED:
+        return None
+    try:
+        err, scale, eps = _probe(inner)
+    except Exception as e:  # noqa: BLE001 (a forward that cannot take the masks at all)
+        return f"{_family(inner)} cannot take the prefix-shared attention mask ({type(e).__name__}: {e})"
+    if not err <= eps * scale:
+        return (
+            f"{_family(inner)} with attention implementation {impl!r} gives other hidden states in the "
+            f"prefix-shared layout than in the padded one: max |difference| {err:.3g} against max |hidden| "
+            f"{scale:.3g} (tolerance {eps:g} relative) on a probe batch. Its attention depends on more than the "
+            "mask and the position ids (a bias over sequence indices, positions counted from the sequence start, "
+            "a mask it builds itself)"
+        )
+    _VERIFIED.add(key)
+    return None
+
+
+def _fingerprint(inner: nn.Module) -> tuple:
+    """``(model class, config fields)``, the attention implementation among them: the key of a model checked."""
+    # special token ids left out: Trainer rewrites them at the first step to match the tokenizer
+    fields = vars(inner.config).items()
+    return type(inner), repr(sorted((k, v) for k, v in fields if not k.endswith(("_token_id", "_token_ids"))))
+
+
+def _probe_rows(config, vocab: int) -> tuple[list, list]:
+    """Two prompts and their completions: one longer than every window and chunk, one of a single token."""
+    limits = [x for pair in layer_masks(config).values() for x in pair if x]
+    longest = max(limits, default=4) + 3
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions:  # a window as long as the positions never cuts anything
+        longest = max(2, min(longest, max_positions - 5))
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(min(3, vocab - 1), vocab, (n,), generator=g).tolist()
+
+    prompts = [ids(5), ids(3)]
+    completions = [[ids(6), ids(longest), ids(1), ids(4)], [ids(7), ids(2)]]
+    return prompts, completions
+
+
+def _probe(inner: nn.Module) -> tuple[float, float, float]:
+    """``(max |difference|, max |hidden|, tolerance)`` of the probe's target rows: packed, and each sequence alone."""
+    config = _config(inner)
+    embeddings = inner.get_input_embeddings()
+    device = embeddings.weight.device
+    prompts, completions = _probe_rows(config, embeddings.weight.shape[0])
+    packed = {k: v.to(device) for k, v in pack_prefix_shared(prompts, completions, 4).items()}
+    seen = []
+    hook = embeddings.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled(device.type)))
+    modes = [(m, m.training) for m in inner.modules()]
+    try:
+        inner.eval()
+        with torch.no_grad():
+            want = []
+            for prompt, outs in zip(prompts, completions, strict=True):
+                for c in outs:  # the padded layout without its padding: each completion alone after its prompt
+                    ids = torch.tensor([[*prompt, *c[:-1]]], device=device)
+                    want.append(final_hidden_states(inner, ids, torch.ones_like(ids))[0, len(prompt) - 1 :])
+            want = torch.cat(want)
+            mask = _attention_mask(inner, packed)
+            got = final_hidden_states(inner, packed["input_ids"], mask, position_ids=packed["position_ids"])
+            got = got[0, packed["target_index"]]
+    finally:
+        hook.remove()
+        for m, training in modes:
+            m.training = training
+    dtypes = {want.dtype, embeddings.weight.dtype}
+    half = bool(dtypes & {torch.bfloat16, torch.float16}) or any(seen)
+    eps = HALF_TOLERANCE if half else max(TOLERANCE.get(d, HALF_TOLERANCE) for d in dtypes)
+    want, got = want.double(), got.double()
+    return float((got - want).abs().max()), float(want.abs().max()), eps
+
+
 def prefix_shared_attention_mask(model: nn.Module, batch) -> Tensor | dict:
-    """What ``model`` receives as ``attention_mask`` for a packed batch.
+    """What ``model`` receives as ``attention_mask`` for a packed batch (after :func:`check_prefix_shared`).
 
     ``sdpa``: a bool ``(1, 1, P, P)`` mask; ``eager``: the additive one in the model's dtype;
-    ``flex_attention``: a ``BlockMask``. Families with per-layer attention types (Qwen2,
-    Gemma-2) get ``{layer type: mask}``, the sliding layers' mask with ``config.sliding_window``.
+    ``flex_attention``: a ``BlockMask``. One mask per layer type of :func:`layer_masks` (its
+    sliding window or chunk in it), as a dict ``{layer type: mask}`` when the types differ
+    (Hugging Face's shared masking code hands each layer its type's mask and returns a 4D
+    mask as-is), else the one mask.
     """
     check_prefix_shared(model)
+    return _attention_mask(model, batch)
+
+
+def _attention_mask(model: nn.Module, batch) -> Tensor | dict:
     config = _config(model)
     impl = config._attn_implementation
     dtype = getattr(unwrap_model(model), "dtype", torch.float32)
-    window = getattr(config, "sliding_window", None)
-    built: dict[int | None, object] = {}
-
-    def build(w: int | None):
-        if w not in built:
-            if impl == "flex_attention":
-                built[w] = flex_block_mask(batch, sliding_window=w)
-            else:
-                built[w] = dense_attention_mask(batch, sliding_window=w, dtype=None if impl == "sdpa" else dtype)
-        return built[w]
-
-    if PREFIX_SHARED_FAMILIES[config.model_type] == "one":
-        return build(window)
-    types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return {t: build(window if t == "sliding_attention" else None) for t in sorted(types)}
+    limits = layer_masks(config)
+    built: dict[tuple, object] = {}
+    for window, chunk in set(limits.values()):
+        if impl == "flex_attention":
+            built[window, chunk] = flex_block_mask(batch, sliding_window=window, chunk_size=chunk)
+        else:
+            built[window, chunk] = dense_attention_mask(
+                batch, sliding_window=window, chunk_size=chunk, dtype=None if impl == "sdpa" else dtype
+            )
+    if len(built) == 1:
+        return next(iter(built.values()))
+    return {t: built[limit] for t, limit in limits.items()}
 
 
 def _padded_inputs(batch) -> tuple[Tensor, dict, Tensor, Tensor, Tensor]:

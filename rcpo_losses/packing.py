@@ -109,19 +109,25 @@ def pack_prefix_shared(
 
 
 def prefix_shared_mask_mod(
-    row_index: Tensor, response_index: Tensor, position_ids: Tensor, sliding_window: int | None = None
+    row_index: Tensor,
+    response_index: Tensor,
+    position_ids: Tensor,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
 ) -> Callable:
     r"""The attention rule of the packed sequence, as a FlexAttention ``mask_mod(b, h, q, kv) -> bool``.
 
     .. math::
         \text{attend}(q, k) = [r_q = r_k] \wedge [k \le q] \wedge ([j_k = -1] \vee [j_k = j_q])
-        \wedge [p_q - p_k < w]
+        \wedge [p_q - p_k < w] \wedge [\lfloor p_q / c \rfloor = \lfloor p_k / c \rfloor]
 
-    with ``r`` the row, ``j`` the completion (-1 on the prompt), ``p`` the position id and ``w``
-    the sliding window (no window term when None). ``k <= q`` with the same row and ``j_k = -1``
+    with ``r`` the row, ``j`` the completion (-1 on the prompt), ``p`` the position id, ``w``
+    the sliding window and ``c`` the attention chunk (Llama-4's ``attention_chunk_size``); no
+    window or chunk term when None. ``k <= q`` with the same row and ``j_k = -1``
     is the prompt; with ``j_k = j_q`` the completion's earlier tokens. The window is on position
     ids, the distance the tokens have in the padded layout (Hugging Face's
-    ``sliding_window_overlay``: ``k > q - w``).
+    ``sliding_window_overlay``: ``k > q - w``), and so are the chunks (its ``chunked_overlay``
+    counts them from the first non-padding token, position 0).
 
     Shape:
         - row_index, response_index, position_ids: ``(P,)`` or ``(1, P)``; ``q`` and ``kv`` index them
@@ -133,19 +139,29 @@ def prefix_shared_mask_mod(
         allowed = (r[q] == r[kv]) & (kv <= q) & ((j[kv] < 0) | (j[kv] == j[q]))
         if sliding_window is not None:
             allowed = allowed & (p[q] - p[kv] < sliding_window)
+        if chunk_size is not None:
+            allowed = allowed & (p[q] // chunk_size == p[kv] // chunk_size)
         return allowed
 
     return mask_mod
 
 
-def dense_attention_mask(batch, *, sliding_window: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def _rule(batch, sliding_window: int | None, chunk_size: int | None) -> Callable:
+    return prefix_shared_mask_mod(
+        batch["row_index"], batch["response_index"], batch["position_ids"], sliding_window, chunk_size
+    )
+
+
+def dense_attention_mask(
+    batch, *, sliding_window: int | None = None, chunk_size: int | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     """The ``(1, 1, P, P)`` attention mask of a packed batch: bool (True: attend), or additive in ``dtype``.
 
     ``dtype`` given: 0 where attended and ``torch.finfo(dtype).min`` elsewhere, the form eager
     attention adds to its scores (as Hugging Face's ``eager_mask``); None: bool, as its ``sdpa_mask``.
     Quadratic in ``P``: ``P^2`` bytes (bool) or ``P^2 * itemsize``.
     """
-    rule = prefix_shared_mask_mod(batch["row_index"], batch["response_index"], batch["position_ids"], sliding_window)
+    rule = _rule(batch, sliding_window, chunk_size)
     P = batch["input_ids"].shape[-1]
     idx = torch.arange(P, device=batch["input_ids"].device)
     allowed = rule(0, 0, idx[:, None], idx[None, :])[None, None]
@@ -155,7 +171,7 @@ def dense_attention_mask(batch, *, sliding_window: int | None = None, dtype: tor
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def flex_block_mask(batch, *, sliding_window: int | None = None, block_size: int = 128):
+def flex_block_mask(batch, *, sliding_window: int | None = None, chunk_size: int | None = None, block_size: int = 128):
     """A FlexAttention ``BlockMask`` ``(1, 1, P, P)`` of the packed batch's attention rule, on its device.
 
     Built by ``torch.nn.attention.flex_attention.create_block_mask`` from
@@ -166,7 +182,7 @@ def flex_block_mask(batch, *, sliding_window: int | None = None, block_size: int
     from torch.nn.attention.flex_attention import create_block_mask
 
     ids = batch["input_ids"]
-    rule = prefix_shared_mask_mod(batch["row_index"], batch["response_index"], batch["position_ids"], sliding_window)
+    rule = _rule(batch, sliding_window, chunk_size)
     P = ids.shape[-1]
     # compiled on CUDA: uncompiled, it evaluates the rule on all P^2 pairs at once (GBs at P = 30k)
     return create_block_mask(rule, 1, None, P, P, device=ids.device, BLOCK_SIZE=block_size, _compile=ids.is_cuda)

@@ -109,6 +109,7 @@ OUTSIDE = {
     "__call__",
     "TrainingArguments",
     "LlamaConfig",
+    "MistralConfig",
 }
 
 

@@ -28,7 +28,12 @@ from ..dispersion import entropy_dispersion
 from ..lm_head import eval_mode
 from ..metrics import ranking_metrics
 from ..mnl import mnl_topk
-from ..model_stats import prefix_shared_support, response_stats
+from ..model_stats import (
+    attention_implementation,
+    mask_attention_implementation,
+    prefix_shared_problem,
+    response_stats,
+)
 from ..precompute import has_reference_stats, precompute_reference_stats, with_reference_columns
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens import ResponseTokenStats
@@ -138,9 +143,14 @@ class RCPOTrainer(Trainer):
             already carry the ``ref_logps``, ``ref_entropy_sums``, ``ref_lengths`` and
             ``ref_token_hash`` columns need no reference model either.
         layout: the collator's layout: ``"prefix_shared"`` (default: each prompt computed once,
-            no padding, the LM head on completion tokens only) or ``"padded"``. A model that
-            cannot take the prefix-shared mask (:func:`rcpo_losses.model_stats.prefix_shared_support`:
-            e.g. ``flash_attention_2``) falls back to ``"padded"`` with one logged warning.
+            no padding, the LM head on completion tokens only) or ``"padded"``. With
+            ``"prefix_shared"``, a model whose attention implementation takes no custom mask
+            (``flash_attention_2``, ``flash_attention_3``) runs the trainer's steps with
+            ``flex_attention`` on CUDA or ``sdpa`` on the CPU (one logged line; its config keeps
+            its own between steps); a model the layout cannot serve
+            (:func:`rcpo_losses.model_stats.prefix_shared_problem`: refused by name, or its
+            first-seen probe differs from the padded layout) falls back to ``"padded"`` with one
+            logged warning. ``"padded"`` keeps the model's own kernel.
         **kwargs: the other ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
@@ -188,6 +198,7 @@ class RCPOTrainer(Trainer):
         beta = getattr(args, "beta", 0.1) if beta is None else beta
         max_length = getattr(args, "max_length", None) if max_length is None else max_length
         max_prompt_length = getattr(args, "max_prompt_length", None) if max_prompt_length is None else max_prompt_length
+        choose_layout = data_collator is None and layout == "prefix_shared"  # the collator is ours
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("processing_class: the tokenizer is needed to build the collator")
@@ -197,7 +208,7 @@ class RCPOTrainer(Trainer):
                 max_prompt_length=max_prompt_length,
                 k=k,
                 ties=ties,
-                layout=self._supported_layout(layout, model, ref_model),
+                layout=layout,
             )
         self.loss_name = loss
         self.loss_is_scaled_for_ga = loss == "dpo_all_pairs"
@@ -213,6 +224,7 @@ class RCPOTrainer(Trainer):
             ref_model = copy.deepcopy(model)
         self.ref_model = None if ref_model is None else ref_model.eval().requires_grad_(False)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.switch_attention = False  # the prefix-shared steps run with mask_attention_implementation
         super().__init__(
             model=model,
             args=args,
@@ -222,6 +234,8 @@ class RCPOTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        if choose_layout:  # after Trainer moved the model to its device: the probe runs there
+            self._choose_layout()
         if self.precompute_ref:
             self._precompute_reference()
         elif self.ref_model is not None:
@@ -234,16 +248,52 @@ class RCPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ model -> per-response statistics
 
-    @staticmethod
-    def _supported_layout(layout: str, *models) -> str:
-        if layout != "prefix_shared":
-            return layout
+    def _choose_layout(self) -> None:
+        """Keep ``layout="prefix_shared"`` if the policy and the reference run it exactly, else fall back to padded.
+
+        A model whose attention implementation takes no custom mask (``flash_attention_2`` / ``_3``)
+        is checked, and later stepped, with :func:`~rcpo_losses.model_stats.mask_attention_implementation`
+        (``flex_attention`` on CUDA, ``sdpa`` on the CPU); :func:`~rcpo_losses.model_stats.prefix_shared_problem`
+        then refuses the family by name or runs its first-seen probe. One logged line for a switch,
+        one for a fallback.
+        """
+        models = [m for m in (self.model, self.ref_model) if m is not None]
         for m in models:
-            reason = None if m is None else prefix_shared_support(m)
+            with attention_implementation(m, mask_attention_implementation(m)):
+                reason = prefix_shared_problem(m)
             if reason is not None:
                 logger.warning("RCPOTrainer: %s; falling back to layout='padded'", reason)
-                return "padded"
-        return layout
+                self.data_collator.layout = "padded"
+                return
+        switched = [(m, mask_attention_implementation(m)) for m in models if mask_attention_implementation(m)]
+        if switched:
+            m, switch = switched[0]
+            own = self.accelerator.unwrap_model(m).config._attn_implementation
+            logger.warning(
+                "RCPOTrainer: attention implementation %r takes no custom attention mask; the prefix-shared "
+                "training and evaluation steps run with %r (the model keeps %r outside them: generation, saving)",
+                own, switch, own,
+            )  # fmt: skip
+            self.switch_attention = True
+
+    def step_context(self):
+        """Where the trainer's steps run: with ``switch_attention``, each model in its mask-taking implementation.
+
+        :func:`~rcpo_losses.model_stats.mask_attention_implementation` for the models that need one,
+        around the whole step (forward and backward: gradient checkpointing recomputes the forward
+        in the backward), so that ``model.config`` keeps the user's implementation between steps,
+        where checkpoints are saved and ``generate`` runs.
+        """
+        stack = contextlib.ExitStack()
+        if self.switch_attention and self.data_collator.layout == "prefix_shared":
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    stack.enter_context(attention_implementation(m, mask_attention_implementation(m)))
+        return stack
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.step_context():
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def response_stats(self, model, inputs: dict[str, Tensor], *, entropy: bool = True) -> ResponseTokenStats:
         """Summed completion log-probs, entropy sums and lengths ``[B, S]``: :func:`rcpo_losses.response_stats`.
@@ -331,7 +381,7 @@ class RCPOTrainer(Trainer):
             if rows is None or has_reference_stats(rows):
                 return rows
             indices = range(rank, len(rows), world)
-            with self.reference_context(reference), self._forward_as_in_training(reference):
+            with self.reference_context(reference), self._forward_as_in_training(reference), self.step_context():
                 part = precompute_reference_stats(
                     reference, [rows[i] for i in indices], self.data_collator,
                     batch_size=self.args.per_device_eval_batch_size, fused_linear=self.fused_linear,
@@ -427,7 +477,7 @@ class RCPOTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), self.step_context():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
