@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .fused_linear import fused_linear_token_stats
-from .lm_head import final_hidden_states, lm_head_spec, unwrap_model
+from .lm_head import check_tolerance, eval_mode, final_hidden_states, lm_head_spec, unwrap_model
 from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared, pack_prefix_shared
 from .ranks import IGNORE
 from .tokens import ResponseTokenStats, token_logps_and_entropy
@@ -47,10 +47,6 @@ RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_
 # The first-seen check of the prefix-shared layout against the padded one: on by default (prefix_shared_problem).
 VERIFY = True
 _VERIFIED: set[tuple] = set()  # (model class, config fields with the attention implementation) that agreed
-# Largest max|h_packed - h_alone| / max|h_alone| accepted, by dtype; HALF: bf16/fp16 or autocast. The values of
-# lm_head's first-seen check (tests/test_prefix_shared_zoo.py keeps them equal).
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
-HALF_TOLERANCE = 4e-2
 
 
 def _config(model: nn.Module):
@@ -203,7 +199,7 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
     mode under ``no_grad``, and the final hidden states of the rows that predict completion
     tokens must agree: :math:`\max |h_{packed} - h_{padded}| \le \epsilon \max |h_{padded}|`,
     ``eps = 1e-6`` in fp64, ``2e-3`` in fp32, ``4e-2`` for bf16/fp16 or when the forward runs
-    under autocast (seen inside the forward): ``TOLERANCE`` and ``HALF_TOLERANCE``, those of
+    under autocast (seen inside the forward): :func:`~rcpo_losses.lm_head.check_tolerance`, that of
     :func:`~rcpo_losses.lm_head.check_lm_head_spec`. A family whose attention depends on
     anything but the mask and the position ids (a bias over sequence indices, positions from
     ``arange``, a mask it builds itself) differs there. Its cost: one forward of each layout on
@@ -269,10 +265,8 @@ def _probe(inner: nn.Module) -> tuple[float, float, float]:
     packed = {k: v.to(device) for k, v in pack_prefix_shared(prompts, completions, 4).items()}
     seen = []
     hook = embeddings.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled(device.type)))
-    modes = [(m, m.training) for m in inner.modules()]
     try:
-        inner.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(inner):
             want = []
             for prompt, outs in zip(prompts, completions, strict=True):
                 for c in outs:  # the padded layout without its padding: each completion alone after its prompt
@@ -284,11 +278,8 @@ def _probe(inner: nn.Module) -> tuple[float, float, float]:
             got = got[0, packed["target_index"]]
     finally:
         hook.remove()
-        for m, training in modes:
-            m.training = training
-    dtypes = {want.dtype, embeddings.weight.dtype}
-    half = bool(dtypes & {torch.bfloat16, torch.float16}) or any(seen)
-    eps = HALF_TOLERANCE if half else max(TOLERANCE.get(d, HALF_TOLERANCE) for d in dtypes)
+    # Largest max|h_packed - h_alone| / max|h_alone| accepted: the tolerance of lm_head's first-seen check.
+    eps = check_tolerance({want.dtype, embeddings.weight.dtype}, any(seen))
     want, got = want.double(), got.double()
     return float((got - want).abs().max()), float(want.abs().max()), eps
 

@@ -309,9 +309,3 @@ def test_other_refusals_by_name():
     recurrent.config.layer_types = ["full_attention", "some_new_attention"]
     with pytest.raises(ValueError, match="layer type 'some_new_attention' is not one the prefix-shared mask encodes"):
         check_prefix_shared(recurrent)
-
-
-def test_the_probe_tolerances_are_lm_head_checks():
-    import rcpo_losses.lm_head as lm_head
-
-    assert model_stats.TOLERANCE == lm_head._TOLERANCE and model_stats.HALF_TOLERANCE == lm_head._HALF_TOLERANCE
