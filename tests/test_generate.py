@@ -19,7 +19,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("tqdm")
 
 from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
-from rcpo_losses.generate import batch_seed, main, rank_completions  # noqa: E402
+from rcpo_losses.generate import RewardModel, batch_seed, main, rank_completions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = (
@@ -189,6 +189,61 @@ def test_prompts_with_identical_completions_are_skipped_and_counted(tokenizer):
     rows = run(None, tokenizer, generate=generate)
     assert [r["prompt_index"] for r in rows] == [0, 1, 3, 4, 6]
     assert rows.stats.skipped_identical == 2 and rows.stats.rows_written == 5
+
+
+# ------------------------------------------------------------------ a reward model
+
+
+def reward_model():
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, num_labels=1,
+    )  # fmt: skip
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+def test_a_reward_model_scores_the_chat_formatted_conversation_in_batches(tokenizer):
+    rm = reward_model()
+    prompts = ["hi a", [{"role": "user", "content": "hey"}], [{"role": "user", "content": "b c d e f g"}]]
+    completions = ["a b c", [{"role": "assistant", "content": "hello !"}], "1"]
+    forwards = []
+    rm.register_forward_hook(lambda module, args, kwargs_out: forwards.append(1))
+    scores = RewardModel(rm, tokenizer, batch_size=2)(prompts, completions)
+    assert len(forwards) == 2
+    conversations = [
+        "<user> hi a <end> <assistant> a b c <end> ",
+        "<user> hey <end> <assistant> hello ! <end> ",
+        "<user> b c d e f g <end> <assistant> 1 <end> ",
+    ]
+    with torch.no_grad():  # each alone, unpadded
+        want = [rm(**tokenizer(c, add_special_tokens=False, return_tensors="pt")).logits[0, 0] for c in conversations]
+    assert scores == pytest.approx([w.item() for w in want], abs=1e-5)
+
+
+def test_rank_completions_takes_a_reward_model_and_its_tokenizer(model, tokenizer):
+    rm = reward_model()
+    rows = run(model, tokenizer, reward=(rm, tokenizer))
+    direct = RewardModel(rm, tokenizer)
+    for row in rows:
+        prompts = [row["prompt"]] * len(row["completions"])
+        assert row["scores"] == pytest.approx(direct(prompts, row["completions"]), abs=1e-5)
+
+    class ArmoRMLike(torch.nn.Module):  # returns .score, as ArmoRM's custom head does
+        def __init__(self):
+            super().__init__()
+            self.rm = rm
+
+        def forward(self, **inputs):
+            return type("Out", (), {"score": 2 * self.rm(**inputs).logits})()
+
+    doubled = run(model, tokenizer, reward=RewardModel(ArmoRMLike(), tokenizer))
+    assert [r["scores"] for r in doubled] == [pytest.approx([2 * s for s in r["scores"]], abs=1e-5) for r in rows]
+
+
+def test_a_reward_model_needs_a_chat_template():
+    with pytest.raises(ValueError, match="chat template"):
+        RewardModel(reward_model(), make_tokenizer(chat=False))
 
 
 # ------------------------------------------------------------------ resume
