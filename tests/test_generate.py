@@ -253,6 +253,22 @@ def test_rank_completions_takes_a_reward_model_and_its_tokenizer(model, tokenize
     assert [r["scores"] for r in doubled] == [pytest.approx([2 * s for s in r["scores"]], abs=1e-5) for r in rows]
 
 
+def test_the_cli_with_a_reward_model(model, tokenizer, tmp_path):
+    rm = reward_model()
+    for name, m in (("policy", model), ("rm", rm)):
+        m.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in ["hi a b", "hello"]))  # bare JSON strings
+    rows = main(["--model", str(tmp_path / "policy"), "--prompts", str(prompts), "--reward-model", str(tmp_path / "rm"),
+                 "--num-samples", "3", "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu",
+                 "--out", str(tmp_path / "ranked.jsonl")])  # fmt: skip
+    assert [r["prompt"] for r in rows] == ["hi a b", "hello"]
+    for row in rows:
+        want = RewardModel(rm, tokenizer)([row["prompt"]] * 3, row["completions"])
+        assert row["scores"] == pytest.approx(want, abs=1e-5)
+
+
 def test_a_reward_model_needs_a_chat_template():
     with pytest.raises(ValueError, match="chat template"):
         RewardModel(reward_model(), make_tokenizer(chat=False))
