@@ -3,6 +3,10 @@
 - no import cycle among the modules of ``rcpo_losses/`` and ``kernels/`` (imports inside
   functions count);
 - no module imports another module's private (``_name``) definitions, nor a private module;
+- the integration layer (``precompute``, ``generate``, ``demo``, ``integrations.*``) is imported by no
+  core module (the package ``__init__`` re-exports ``precompute_reference_stats``); the core imports
+  only the standard library, torch, numpy and triton when loaded, and only ``integrations/`` may import
+  another library (transformers) when loaded: ``generate`` and the rest import theirs inside functions;
 - every kernel file (one that defines a ``@triton.jit`` function ``*_kernel``) has a PyTorch twin
   ``rcpo_losses/reference/<same name>.py``, and each names the other in its docstring.
 
@@ -12,10 +16,13 @@ The checker runs on a small synthetic package first, so that it is seen to fail.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "rcpo_losses"
+INTEGRATION = ("precompute", "generate", "demo", "integrations")  # modules (or packages) above the core
+ALLOWED_AT_LOAD = {"torch", "numpy", "triton", PACKAGE}  # besides the standard library
 
 
 def package_modules(roots: dict[str, Path]) -> dict[str, Path]:
@@ -66,6 +73,44 @@ def import_graph(modules: dict[str, Path]) -> tuple[dict[str, set[str]], list[st
                 if hidden and target != module:
                     private.append(f"{module} imports {sub} (private: {', '.join(hidden)})")
     return edges, private
+
+
+def is_integration(module: str) -> bool:
+    parts = module.split(".")
+    return len(parts) > 1 and parts[1] in INTEGRATION
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    """Core modules that import an integration-layer module (the package ``__init__`` aside), as messages."""
+    return [f"{m} (core) imports {t} (integration layer)" for m, targets in sorted(edges.items())
+            if m != PACKAGE and not is_integration(m) for t in sorted(targets) if is_integration(t)]  # fmt: skip
+
+
+def load_time_imports(path: Path) -> set[str]:
+    """Top-level package names imported when the module is loaded (function bodies excluded)."""
+    found, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def foreign_imports(modules: dict[str, Path]) -> list[str]:
+    """Modules outside ``integrations/`` that import a library other than torch, numpy and triton when loaded."""
+    bad = []
+    for module, path in modules.items():
+        if module.split(".")[1:2] == ["integrations"]:
+            continue
+        extra = load_time_imports(path) - ALLOWED_AT_LOAD - set(sys.stdlib_module_names)
+        if extra:
+            bad.append(f"{module} imports {sorted(extra)} when loaded")
+    return bad
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -121,8 +166,13 @@ def test_the_checker_finds_cycles_and_private_imports(tmp_path):
     (pkg / "ops" / "b.py").write_text("def g():\n    from ..a import _helper\n    return _helper\n")
     (pkg / "c.py").write_text("from . import _private_module\n")
     (pkg / "_private_module.py").write_text("")
-    edges, private = import_graph(package_modules({PACKAGE: pkg}))
+    (pkg / "generate.py").write_text("import json\n\nimport tqdm\n\ndef f():\n    import transformers\n")
+    (pkg / "d.py").write_text("from .generate import f\n\ndef g():\n    import transformers\n")
+    modules = package_modules({PACKAGE: pkg})
+    edges, private = import_graph(modules)
     assert cycles(edges) == [[f"{PACKAGE}.a", f"{PACKAGE}.ops.b"]]
+    assert layer_violations(edges) == [f"{PACKAGE}.d (core) imports {PACKAGE}.generate (integration layer)"]
+    assert foreign_imports(modules) == [f"{PACKAGE}.generate imports ['tqdm'] when loaded"]
     assert any("ops.b imports rcpo_losses.a._helper" in p for p in private), private
     assert any("c imports rcpo_losses._private_module" in p for p in private), private
 
@@ -134,6 +184,14 @@ def test_no_import_cycles_and_no_private_imports():
     assert f"{PACKAGE}.kernels.mnl" in edges[f"{PACKAGE}.ops.choice"]  # the lazy kernel import is seen
     assert cycles(edges) == []
     assert private == []
+
+
+def test_the_core_imports_no_integration_module_and_no_other_library():
+    modules = package_modules({PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.kernels": ROOT / "kernels"})
+    assert f"{PACKAGE}.generate" in modules and f"{PACKAGE}.precompute" in modules
+    edges, _ = import_graph(modules)
+    assert layer_violations(edges) == []
+    assert foreign_imports(modules) == []
 
 
 def test_each_kernel_file_has_a_pytorch_twin_and_they_name_each_other():
