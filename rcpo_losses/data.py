@@ -43,7 +43,7 @@ def token_hash(prompt: Sequence[int], completions: Sequence[Sequence[int]]) -> i
 
 def _prompt_start(prompt: Any, width: int = 40) -> str:
     """The start of a prompt, plain text or a conversation's messages, to name a row by."""
-    if _is_conversational(prompt):
+    if is_conversational(prompt):
         prompt = " ".join(str(m.get("content")) for m in prompt)
     text = str(prompt)
     return repr(text if len(text) <= width else text[:width] + "...")
@@ -173,7 +173,8 @@ def _score(s: Any, j: int, where: str) -> float:
         raise ValueError(f"{where}: 'scores'[{j}] = {s!r} is not a number") from None
 
 
-def _is_conversational(x: Any) -> bool:
+def is_conversational(x: Any) -> bool:
+    """Whether ``x`` is a list of chat messages (mappings with ``role`` and ``content``), not text."""
     return isinstance(x, Sequence) and not isinstance(x, str) and all(isinstance(m, Mapping) for m in x)
 
 
@@ -262,13 +263,13 @@ class RankedPreferenceCollator:
     def _tokenize_row(self, row: Mapping[str, Any], where: str) -> tuple[list[int], list[list[int]]]:
         """Token ids of the prompt and of each completion (untruncated)."""
         prompt, completions = row.get("prompt"), row["completions"]
-        if _is_conversational(prompt):
+        if is_conversational(prompt):
             template = self.tokenizer.apply_chat_template
             prompt_text = template(list(prompt), tokenize=False, add_generation_prompt=True)
             outs = []
             for j, completion in enumerate(completions):
                 messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-                if not _is_conversational(messages):
+                if not is_conversational(messages):
                     raise ValueError(f"{where}: completion {j} must be a string or a list of messages")
                 full = template(list(prompt) + list(messages), tokenize=False)
                 if not full.startswith(prompt_text):

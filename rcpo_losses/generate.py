@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import is_conversational
+
 __all__ = ["GenerationStats", "RankedRows", "RewardModel", "rank_completions"]
 
 # A completion as the generate= callable may return it: its text, or (text, cut at max_new_tokens).
@@ -68,13 +70,9 @@ class RankedRows(list):
     stats: GenerationStats
 
 
-def _is_chat(prompt: Any) -> bool:
-    return isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(isinstance(m, Mapping) for m in prompt)
-
-
 def _name(index: int, prompt: Any) -> str:
     """``prompt 12 ('Write a short review of ...')``: the index and the start of the text, for errors."""
-    text = " ".join(str(m.get("content", "")) for m in prompt) if _is_chat(prompt) else str(prompt)
+    text = " ".join(str(m.get("content", "")) for m in prompt) if is_conversational(prompt) else str(prompt)
     text = " ".join(text.split())
     return f"prompt {index} ({text[:40] + ('...' if len(text) > 40 else '')!r})"
 
@@ -83,7 +81,7 @@ def _prompt_text(tokenizer, prompt: Any, index: int) -> str:
     """The text the model continues: the prompt, or the chat template applied with the generation prompt."""
     if isinstance(prompt, str):
         return prompt
-    if not _is_chat(prompt):
+    if not is_conversational(prompt):
         raise TypeError(f"prompts: {_name(index, prompt)} is a {type(prompt).__name__}, not a string or a list of "
                         "{'role', 'content'} messages")  # fmt: skip
     if getattr(tokenizer, "chat_template", None) is None:
@@ -176,8 +174,8 @@ class RewardModel:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[float]:
         texts = []
         for prompt, completion in zip(prompts, completions, strict=True):
-            messages = list(prompt) if _is_chat(prompt) else [{"role": "user", "content": prompt}]
-            messages += completion if _is_chat(completion) else [{"role": "assistant", "content": completion}]
+            messages = list(prompt) if is_conversational(prompt) else [{"role": "user", "content": prompt}]
+            messages += completion if is_conversational(completion) else [{"role": "assistant", "content": completion}]
             texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
         device = next(self.model.parameters()).device
         scores: list[float] = []
@@ -399,7 +397,7 @@ def rank_completions(
             # The whole batch is scored, written rows included: a reward may depend on its batch (padding).
             keep = [i for i in indices if len({c for c, _ in completions[i]}) > 1]
             stats.skipped_identical += sum(i not in keep for i in missing)
-            chat = [_is_chat(prompts[i]) for i in keep]
+            chat = [is_conversational(prompts[i]) for i in keep]
             as_reward = [
                 [[{"role": "assistant", "content": c}] if chat[k] else c for c, _ in completions[i]]
                 for k, i in enumerate(keep)
