@@ -86,6 +86,9 @@ if [ "$QUICK" -eq 0 ]; then
         [[ " ${STEPS[*]} " == *" $name "* ]] || STEPS+=("$name 60 60 1800 every row")
     done
 fi
+for name in ${ONLY//,/ }; do
+    [[ " ${STEPS[*]} " == *" $name "* ]] || { echo "gpu_check: --steps: no step $name" >&2 && exit 64; }
+done
 TOTAL=$([ "$QUICK" -eq 1 ] && echo 450 || echo 14400)
 ROW_LIMIT="${RCPO_ROW_LIMIT:-$([ "$QUICK" -eq 1 ] && echo 60 || echo 1200)}"
 declare -A QUICK_ROWS=(
