@@ -159,6 +159,7 @@ step() {  # step NAME LOGFILE CMD...: run CMD under the step's limit, its output
 
 plan
 [ "$PLAN" -eq 0 ] || exit 0
+rm -f "$OUT"/{env.txt,install.txt,tests.txt,bench.txt,bench.jsonl,report.md}  # this run's results only
 status=0
 
 export PY WHEELS
