@@ -138,12 +138,12 @@ def _step(fn, mode: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
 
 
 def make_inputs(mode: str, N: int, H: int, V: int, dtype: str = "bf16"):
-    g = torch.Generator().manual_seed(N + H + V)
+    g = torch.Generator(DEVICE).manual_seed(N + H + V)  # on the device: the host is slow at the full sizes
     grad = mode == "fwd_bwd"
     dtype = _DTYPE_NAMES[dtype]
-    h = torch.randn(N, H, generator=g).to(DEVICE, dtype).requires_grad_(grad)
-    w = (torch.randn(V, H, generator=g) * (2 / H**0.5)).to(DEVICE, dtype).requires_grad_(grad)
-    t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    h = torch.randn(N, H, generator=g, device=DEVICE).to(dtype).requires_grad_(grad)
+    w = (torch.randn(V, H, generator=g, device=DEVICE) * (2 / H**0.5)).to(dtype).requires_grad_(grad)
+    t = torch.randint(0, V, (N,), generator=g, device=DEVICE)
     return h, w, t
 
 

@@ -1,8 +1,11 @@
 """Turn pytest-benchmark JSON files into one Markdown report.
 
     python benchmarks/report.py out/bench_*.json > report.md
+    python benchmarks/report.py out/bench.jsonl > report.md    # rows as RCPO_BENCH_JSONL wrote them
 
-One section per JSON file (machine, commit, then a table per benchmark group). Columns:
+One section per JSON file (machine, commit, then a table per benchmark group), or per
+benchmark file of a JSON-lines file (``benchmarks/conftest.py``: one row a line, written as
+each row is measured, so a run cut short still has a report; no machine or commit). Columns:
 the test's parameters, median and interquartile range of the time per call, rounds,
 and whatever the benchmark put in ``extra_info`` (for the choice losses: ``gbps``, the
 achieved bandwidth for the bytes a fused implementation must move, and ``pct_of_copy``,
@@ -45,16 +48,30 @@ def _impl(bench: dict) -> str | None:
     return extra.get("impl") or (bench.get("params") or {}).get("impl")
 
 
-def section(path: Path) -> str:
-    data = json.loads(path.read_text())
+def load(path: Path) -> list[tuple[str, dict]]:
+    """``[(title, data)]``: a ``--benchmark-json`` file as is, a JSON-lines file one ``data`` per benchmark file."""
+    if path.suffix != ".jsonl":
+        return [(path.stem, json.loads(path.read_text()))]
+    files: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            files.setdefault(row.get("file", path.stem), []).append(row)
+    return [(name, {"benchmarks": rows}) for name, rows in files.items()]
+
+
+def section(title: str, data: dict) -> str:
     machine = data.get("machine_info", {})
     commit = data.get("commit_info", {})
-    lines = [f"## {path.stem}", ""]
+    lines = [f"## {title}", ""]
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    devices = {b.get("extra_info", {}).get("device") for b in data["benchmarks"]} - {None}
-    lines.append(f"- machine: {machine.get('node', '?')}, CPU {cpu}, device(s): {', '.join(sorted(devices)) or '?'}")
-    lines.append(f"- python {machine.get('python_version', '?')}; commit {commit.get('id', '?')[:12]}")
-    lines.append(f"- date: {data.get('datetime', '?')}")
+    devices = ", ".join(sorted({b.get("extra_info", {}).get("device") for b in data["benchmarks"]} - {None})) or "?"
+    if machine:
+        lines.append(f"- machine: {machine.get('node', '?')}, CPU {cpu}, device(s): {devices}")
+        lines.append(f"- python {machine.get('python_version', '?')}; commit {commit.get('id', '?')[:12]}")
+        lines.append(f"- date: {data.get('datetime', '?')}")
+    else:  # rows as measured (JSON lines): the machine is wherever they were written
+        lines.append(f"- device(s): {devices}")
     lines.append("")
 
     groups: dict[str, list[dict]] = {}
@@ -95,11 +112,12 @@ def section(path: Path) -> str:
 def main(argv: list[str]) -> int:
     paths = [Path(p) for p in argv if Path(p).is_file()]
     if not paths:
-        print("usage: python benchmarks/report.py BENCH.json [...]", file=sys.stderr)
+        print("usage: python benchmarks/report.py BENCH.json|BENCH.jsonl [...]", file=sys.stderr)
         return 2
     print("# Benchmark report\n")
     for path in paths:
-        print(section(path))
+        for title, data in load(path):
+            print(section(title, data))
     return 0
 
 
