@@ -135,6 +135,10 @@ OUTSIDE = {
     "TrainingArguments",
     "LlamaConfig",
     "MistralConfig",
+    # callables a user writes for rank_completions (reward=, generate=), and vLLM's LLM
+    "reward",
+    "generate",
+    "llm",
 }
 
 
