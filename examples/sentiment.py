@@ -455,7 +455,7 @@ def train_one(rows, tokenizer, ref, eval_prompts, base, *, objective, beta, seed
 CONFIGS = {
     # sized for 75 minutes on 2 idle cores (docs/experiments.md has the arithmetic)
     "full": dict(train_prompts=72, eval_prompts=24, eval_samples=2, base_samples=4, max_new_tokens=32,
-                 steps=16, prompts_per_step=4, prompts_per_device=2, checkpoints=[8, 16], lr=1e-5,
+                 steps=12, prompts_per_step=4, prompts_per_device=2, checkpoints=[6, 12], lr=1.5e-5,
                  betas=[0.1, 0.5], seeds=[0, 1]),
     "quick": dict(train_prompts=8, eval_prompts=4, eval_samples=1, base_samples=2, max_new_tokens=12,
                   steps=2, prompts_per_step=2, prompts_per_device=2, checkpoints=[2], lr=1e-5,
@@ -468,18 +468,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--quick", action="store_true", help="the same pipeline, small (a few minutes)")
     parser.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = dict(CONFIGS["quick" if args.quick else "full"], objectives=args.objectives)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = {
-        "config": cfg,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "load_at_start": os.getloadavg()},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runs": [],
-    }
+    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": torch.get_num_threads(),
+               "load_at_start": os.getloadavg()}  # fmt: skip
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    results = {"config": cfg, "command": command, "cpu": cpu_name(), "sessions": [], "elapsed_s": 0.0, "runs": []}
+    # Run again with the same --out and configuration: finished runs are kept, the rest redone.
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    if earlier is not None and earlier.get("config") == cfg and "base_rewards" in earlier:
+        results = {**earlier, "runs": [r for r in earlier["runs"] if r and "train_s" in r]}
+    results["sessions"].append(session)
+    before = results["elapsed_s"]
     prompts = make_prompts(cfg["train_prompts"] + cfg["eval_prompts"], seed=0)
     train_prompts, eval_prompts = prompts[: cfg["train_prompts"]], prompts[cfg["train_prompts"] :]
 
@@ -513,24 +519,29 @@ def main(argv: list[str] | None = None) -> None:
     # 2. the reference: its statistics of the training rows once, and the base's held-out samples
     t = time.time()
     rows = precompute_reference_stats(ref, rows, RankedPreferenceCollator(tokenizer), batch_size=2, progress=False)
-    found = sample(ref, tokenizer, eval_prompts, num_samples=cfg["base_samples"],
-                   max_new_tokens=cfg["max_new_tokens"], seed=999, ref=ref)  # fmt: skip
-    base = found
-    results["base"] = {**summarize(found, None), "seconds": time.time() - t}
+    if "base_rewards" not in results:
+        found = sample(ref, tokenizer, eval_prompts, num_samples=cfg["base_samples"],
+                       max_new_tokens=cfg["max_new_tokens"], seed=999, ref=ref)  # fmt: skip
+        results["base"] = {**summarize(found, None), "seconds": time.time() - t}
+        results["base_rewards"] = found["rewards"]
+    base = {"rewards": results["base_rewards"]}
     print("base:", results["base"], flush=True)
+    results["elapsed_s"] = before + time.time() - started
     write_json(results, out / "results.json")
 
     # 3. every objective, beta and seed; the first beta's first seed's policy is saved
     for beta in cfg["betas"]:
         for seed in cfg["seeds"]:
             for objective in cfg["objectives"]:
+                if any((r["objective"], r["beta"], r["seed"]) == (objective, beta, seed) for r in results["runs"]):
+                    continue
                 first = beta == cfg["betas"][0] and seed == cfg["seeds"][0]
                 slot = len(results["runs"])
                 results["runs"].append(None)
 
                 def record(run, slot=slot):
                     results["runs"][slot] = run
-                    results["elapsed_s"] = time.time() - started
+                    results["elapsed_s"] = before + time.time() - started
                     write_json(results, out / "results.json")
 
                 train_one(rows, tokenizer, ref, eval_prompts, base, objective=objective, beta=beta, seed=seed,
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
                 results["summary"] = summary_table(results)
                 write_json(results, out / "results.json")
                 plot(results, out / "sentiment.png")
-    results["elapsed_s"] = time.time() - started
+    results["elapsed_s"] = before + time.time() - started
     results["summary"] = summary_table(results)
     write_json(results, out / "results.json")
     (out / "table.md").write_text(markdown_table(results))
