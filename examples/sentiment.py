@@ -60,13 +60,16 @@ from rcpo_losses.integrations.transformers import RCPOTrainer
 from rcpo_losses.precompute import precompute_reference_stats
 
 # name: (RCPOTrainer loss, k). mnl_pairwise on the best and the worst of 5 is DPO on that pair;
-# dpo_all_pairs is DPO on the 10 pairs the full ranking implies.
+# dpo_all_pairs is DPO on the 10 pairs the full ranking implies; k=None with 5 samples is the
+# full ranking (a top-4 list); mallows_pairwise is Mallows-RMJ on the best and the worst.
 OBJECTIVES = {
     "dpo": ("mnl_pairwise", None),
     "dpo_all_pairs": ("dpo_all_pairs", None),
     "mnl_top2": ("mnl_topk", 2),
     "mallows_top2": ("mallows_rmj_topk", 2),
     "mnl_full": ("mnl_topk", None),
+    "mallows_pairwise": ("mallows_rmj_pairwise", None),
+    "mallows_full": ("mallows_rmj_topk", None),
 }
 NUM_SAMPLES = 5
 PREFIX_WORDS = 12
@@ -463,6 +466,11 @@ CONFIGS = {
 }  # fmt: skip
 
 
+def same_setup(a: dict, b: dict) -> bool:
+    """Whether two configurations differ at most in their objectives."""
+    return {**a, "objectives": None} == {**b, "objectives": None}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
@@ -480,10 +488,12 @@ def main(argv: list[str] | None = None) -> None:
                "load_at_start": os.getloadavg()}  # fmt: skip
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     results = {"config": cfg, "command": command, "cpu": cpu_name(), "sessions": [], "elapsed_s": 0.0, "runs": []}
-    # Run again with the same --out and configuration: finished runs are kept, the rest redone.
+    # Run again with the same --out and configuration (objectives may be added): finished runs are
+    # kept, the rest done.
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
-    if earlier is not None and earlier.get("config") == cfg and "base_rewards" in earlier:
-        results = {**earlier, "runs": [r for r in earlier["runs"] if r and "train_s" in r]}
+    if earlier is not None and "base_rewards" in earlier and same_setup(earlier["config"], cfg):
+        done = [r for r in earlier["runs"] if r and "train_s" in r and r["objective"] in cfg["objectives"]]
+        results = {**earlier, "config": cfg, "runs": done}
     results["sessions"].append(session)
     before = results["elapsed_s"]
     prompts = make_prompts(cfg["train_prompts"] + cfg["eval_prompts"], seed=0)

@@ -102,3 +102,9 @@ def test_interpolate_is_piecewise_linear_inside_the_points_only():
     assert sentiment.interpolate(points, 1.0) == pytest.approx(0.25)
     assert sentiment.interpolate(points, 3.0) == pytest.approx(0.55)
     assert math.isnan(sentiment.interpolate(points, 5.0))
+
+
+def test_a_rerun_resumes_only_when_just_the_objectives_changed():
+    cfg = {**sentiment.CONFIGS["quick"], "objectives": ["dpo"]}
+    assert sentiment.same_setup(cfg, {**cfg, "objectives": ["dpo", "mnl_top2"]})
+    assert not sentiment.same_setup(cfg, {**cfg, "steps": cfg["steps"] + 1})
