@@ -354,36 +354,59 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_curves(results: dict) -> dict:
+    """``{(objective, beta): [point, ...]}``: (0, base), then each checkpoint step's mean and half-range over seeds."""
+    base = results["base"]
+    keys = ("kl", "reward", "win_rate", "cut")
+    curves = {}
+    for run in filter(None, results["runs"]):
+        curves.setdefault((run["objective"], run["beta"]), []).append({c["step"]: c for c in run["checkpoints"]})
+    out = {}
+    for name, runs in curves.items():
+        steps = sorted(set.intersection(*(set(r) for r in runs)))
+        points = [
+            {**{k: base[k] for k in ("reward", "cut")}, "kl": 0.0, "win_rate": 0.5, "kl_err": 0.0, "reward_err": 0.0}
+        ]
+        for step in steps:
+            point = {k: mean(r[step][k] for r in runs) for k in keys}
+            for k in ("kl", "reward"):
+                values = [r[step][k] for r in runs]
+                point[k + "_err"] = (max(values) - min(values)) / 2
+            points.append(point)
+        if len(points) > 1:
+            out[name] = points
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
+    """Reward against KL for each beta, win rate and cut share against KL: seed means, bars the seeds' range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = results["base"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    betas = results["config"]["betas"]
+    fig, axes = plt.subplots(1, len(betas) + 2, figsize=(4.2 * (len(betas) + 2), 4.2))
     colors = dict(zip(results["config"]["objectives"], plt.cm.tab10.colors, strict=False))
     styles = ["-", "--", ":", "-."]
-    betas = results["config"]["betas"]
-    for run in filter(None, results["runs"]):
-        points = [{"kl": 0.0, "reward": base["reward"], "win_rate": 0.5, "cut": base["cut"]}, *run["checkpoints"]]
-        if len(points) < 2:
-            continue
-        first = run["seed"] == results["config"]["seeds"][0]
-        label = f"{run['objective']} β={run['beta']}" if first else None
-        style = styles[betas.index(run["beta"]) % len(styles)]
-        for ax, key in zip(axes, ("reward", "win_rate", "cut"), strict=True):
-            ax.plot([p["kl"] for p in points], [p[key] for p in points], style, marker="o", ms=3,
-                    color=colors[run["objective"]], label=label, alpha=0.8)  # fmt: skip
-    titles = ("VADER reward (held-out prompts)", "win rate against the base's samples", "share cut at the length cap")
+    for (name, beta), points in seed_curves(results).items():
+        kl = [p["kl"] for p in points]
+        style = dict(color=colors[name], marker="o", ms=3, alpha=0.85, ls=styles[betas.index(beta) % len(styles)])
+        errors = {"xerr": [p["kl_err"] for p in points], "yerr": [p["reward_err"] for p in points]}
+        axes[betas.index(beta)].errorbar(kl, [p["reward"] for p in points], capsize=2, label=name, **errors, **style)
+        for ax, key in zip(axes[len(betas) :], ("win_rate", "cut"), strict=True):
+            ax.plot(kl, [p[key] for p in points], label=f"{name} β={beta}", **style)
+    titles = [f"VADER reward, β = {b}" for b in betas] + ["win rate against the base's samples", "share cut at the cap"]
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xlabel("KL(π ‖ π_ref), nats per completion")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M-Instruct, positive reviews: one line per seed (β: {', '.join(map(str, betas))})")
+    seeds = len(results["config"]["seeds"])
+    fig.suptitle(f"SmolLM2-135M-Instruct, positive one-sentence reviews, held-out prompts: mean of {seeds} seeds "
+                 "(bars: half their range), through (0, base) and each checkpoint", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
