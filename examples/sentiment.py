@@ -193,6 +193,7 @@ def completion_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
 @torch.no_grad()
 def sequence_logps(model, input_ids, attention_mask, n_prompt: int, mask: torch.Tensor) -> torch.Tensor:
     """``[N]`` summed log-probs of the tokens after ``n_prompt`` where ``mask`` (left-padded prompts)."""
+    # The positions generate() used; rotary models are unchanged by the shift, absolute-position ones are not.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)[0]
     logits = model.lm_head(hidden[:, n_prompt - 1 : -1]).float()

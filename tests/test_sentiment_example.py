@@ -18,15 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import sentiment  # noqa: E402
 
 
-def test_prompts_are_distinct_seeded_and_split_cleanly():
+def test_prompts_are_distinct_seeded_and_split_cleanly(monkeypatch):
     prompts = sentiment.make_prompts(120, seed=0)
     assert len(set(prompts)) == 120
     assert prompts == sentiment.make_prompts(120, seed=0)
     assert prompts[:50] == sentiment.make_prompts(50, seed=0)  # a longer list only adds prompts
     assert prompts != sentiment.make_prompts(120, seed=1)
     assert all("review" in p.lower() and '"' in p for p in prompts)
+    monkeypatch.setattr(sentiment, "ITEMS", {"film": ("the film", ["Jaws"])})
+    assert len(sentiment.make_prompts(len(sentiment.REQUESTS))) == len(sentiment.REQUESTS)
     with pytest.raises(ValueError, match="n:"):
-        sentiment.make_prompts(10**6)
+        sentiment.make_prompts(len(sentiment.REQUESTS) + 1)
 
 
 def test_ranking_rows_break_ties_by_sample_order_and_drop_all_tied_rows():
