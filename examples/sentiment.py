@@ -295,11 +295,17 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
     return math.nan
 
 
+def gain_per_nat(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope through the origin of (KL, reward gain) points: sum(x y) / sum(x^2)."""
+    return sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+
+
 def summary_table(results: dict) -> list[dict]:
     """One line per (objective, beta): final numbers as mean and half-range over seeds, and reward at a common KL.
 
     The common KL of a beta is the smallest final KL among its runs, so every curve reaches it;
-    each run's reward there is interpolated through (0, base reward) and its checkpoints.
+    each run's reward there is interpolated through (0, base reward) and its checkpoints. The
+    gain per nat is `gain_per_nat` of each run's checkpoints (reward minus the base's).
     """
     base = results["base"]
     runs = [r for r in results["runs"] if r and r["checkpoints"]]
@@ -319,6 +325,9 @@ def summary_table(results: dict) -> list[dict]:
             line["common_kl"] = common
             line["reward_at_common_kl"] = mean(at)
             line["reward_at_common_kl_spread"] = (max(at) - min(at)) / 2
+            slopes = [gain_per_nat([(c["kl"], c["reward"] - base["reward"]) for c in r["checkpoints"]]) for r in mine]
+            line["gain_per_nat"] = mean(slopes)
+            line["gain_per_nat_spread"] = (max(slopes) - min(slopes)) / 2
             norms = sorted(g for r in mine for g in r["grad_norms"])
             line["grad_norm_median"] = norms[len(norms) // 2] if norms else math.nan
             lines.append(line)
@@ -332,11 +341,12 @@ def plus_minus(line: dict, key: str, fmt: str) -> str:
 def markdown_table(results: dict) -> str:
     b = results["base"]
     columns = ["objective", "beta", "seeds", "reward", f"reward, first {PREFIX_WORDS} words", "KL (nats)",
-               "win rate vs base", "reward at common KL", "tokens", "cut at cap", "median grad norm"]  # fmt: skip
+               "win rate vs base", "reward at common KL", "reward gain per nat", "tokens", "cut at cap",
+               "median grad norm"]  # fmt: skip
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
-        f"| base | - | - | {b['reward']:.3f} | {b['reward_prefix']:.3f} | {b['kl']:.2f} | 0.5 | - "
+        f"| base | - | - | {b['reward']:.3f} | {b['reward_prefix']:.3f} | {b['kl']:.2f} | 0.5 | - | - "
         f"| {b['length']:.1f} | {b['cut']:.0%} | - |",
     ]
     for ln in summary_table(results):
@@ -350,6 +360,7 @@ def markdown_table(results: dict) -> str:
         }
         cells += [plus_minus(ln, key, fmt) for key, fmt in formats.items()]
         cells[-1] += f" (KL {ln['common_kl']:.2f})"
+        cells.append(plus_minus(ln, "gain_per_nat", ".3f"))
         cells += [f"{ln['length']:.1f}", f"{ln['cut']:.0%}", f"{ln['grad_norm_median']:.1f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

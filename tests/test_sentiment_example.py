@@ -110,3 +110,8 @@ def test_a_rerun_resumes_only_when_just_the_objectives_changed():
     cfg = {**sentiment.CONFIGS["quick"], "objectives": ["dpo"]}
     assert sentiment.same_setup(cfg, {**cfg, "objectives": ["dpo", "mnl_top2"]})
     assert not sentiment.same_setup(cfg, {**cfg, "steps": cfg["steps"] + 1})
+
+
+def test_gain_per_nat_is_the_least_squares_slope_through_the_origin():
+    assert sentiment.gain_per_nat([(1.0, 0.1), (2.0, 0.2)]) == pytest.approx(0.1)
+    assert sentiment.gain_per_nat([(1.0, 0.0), (1.0, 0.2)]) == pytest.approx(0.1)
