@@ -420,6 +420,9 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
+    from PIL import Image  # matplotlib's own dependency: a 64-colour palette keeps the PNG small
+
+    Image.open(path).convert("RGB").quantize(64).save(path, optimize=True)
 
 
 def cpu_name() -> str:
