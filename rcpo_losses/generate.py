@@ -311,12 +311,14 @@ def rank_completions(
     ``prompts[i * batch_size : (i + 1) * batch_size]``, and torch's generator is seeded with
     :func:`batch_seed` ``(seed, i)`` (inside ``torch.random.fork_rng``: the caller's generator is
     left as it was) before batch ``i`` is sampled. A batch's samples depend on the prompts that
-    share it (the padding, and the one generator they draw from in turn), so fixing each batch's
-    composition and seed makes the samples of every prompt a function of ``(prompts, seed,
-    batch_size)`` alone. With ``out``, rows found in the file are kept; a batch with any prompt
-    missing is sampled and scored again whole and only its missing rows are written, so a resumed run writes
-    exactly what an uninterrupted run would have (same arguments, model and hardware), never a
-    row twice. A prompt skipped for identical completions has no row and is redrawn on resume.
+    share it (the padding, and the one generator that ``generate`` draws from for the whole
+    batch: a generator per prompt would mean one ``generate`` call per prompt), so fixing each
+    batch's composition and seed makes the samples of every prompt a function of ``(prompts,
+    seed, batch_size)`` alone. With ``out``, rows found in the file are kept; a batch with any
+    prompt missing is sampled and scored again whole (a reward model's scores may depend on the
+    batch's padding too) and only its missing rows are written, so a resumed run writes exactly
+    what an uninterrupted run would have (same arguments, model and hardware), never a row
+    twice. A prompt skipped for identical completions has no row and is redrawn on resume.
 
     Args:
         model: a causal LM with Hugging Face's ``generate`` (unused with ``generate=``).
@@ -370,6 +372,11 @@ def rank_completions(
                 raise ValueError(
                     f"out: {out} holds a row for prompt_index {i!r} whose prompt is not that of the prompts given "
                     "(another run's file?): use a new out path"
+                )
+            if len(row.get("completions", ())) != num_samples:
+                raise ValueError(
+                    f"out: {out} holds a row for {_name(i, prompts[i])} with {len(row.get('completions', ()))} "
+                    f"completions, not num_samples = {num_samples}: resume with the arguments of the first run"
                 )
             done[i] = row
         stats.rows_resumed = len(done)
@@ -442,7 +449,7 @@ def _sample(model, tokenizer, texts, prompts, indices, num_samples, max_new_toke
             raise ValueError(f"generate: returned {len(found)} lists of completions for {len(indices)} prompts")
         result = {}
         for i, cs in zip(indices, found, strict=True):
-            cs = [(c, None) if isinstance(c, str) else (str(c[0]), bool(c[1])) for c in cs]
+            cs = [(c, None) if isinstance(c, str) else (str(c[0]), None if c[1] is None else bool(c[1])) for c in cs]
             if len(cs) != num_samples:
                 raise ValueError(f"generate: returned {len(cs)} completions for {_name(i, prompts[i])}, "
                                  f"expected num_samples = {num_samples}")  # fmt: skip

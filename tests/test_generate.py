@@ -164,6 +164,18 @@ def test_sampling_is_seeded_and_leaves_the_callers_generator_alone(model, tokeni
     assert tokenizer.padding_side == "right"  # never switched
 
 
+def test_a_summary_at_the_end(model, tokenizer, tmp_path, capsys):
+    rows = run(model, tokenizer, out=tmp_path / "ranked.jsonl", progress=True)
+    err = capsys.readouterr().err
+    assert "rank_completions: 7 rows written, 0 already there, 0 prompts skipped (all completions identical)" in err
+    assert "tokens/s" in err and str(tmp_path / "ranked.jsonl") in err
+    assert rows.stats.generated_tokens == sum(
+        len(tokenizer(c, add_special_tokens=False)["input_ids"]) + (not cut)  # + its EOS
+        for r in rows
+        for c, cut in zip(r["completions"], r["truncated"], strict=True)
+    )
+
+
 def test_batch_seed_depends_on_seed_and_batch():
     seeds = {batch_seed(s, b) for s in range(3) for b in range(50)}
     assert len(seeds) == 150
@@ -241,6 +253,22 @@ def test_rank_completions_takes_a_reward_model_and_its_tokenizer(model, tokenize
     assert [r["scores"] for r in doubled] == [pytest.approx([2 * s for s in r["scores"]], abs=1e-5) for r in rows]
 
 
+def test_the_cli_with_a_reward_model(model, tokenizer, tmp_path):
+    rm = reward_model()
+    for name, m in (("policy", model), ("rm", rm)):
+        m.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in ["hi a b", "hello"]))  # bare JSON strings
+    rows = main(["--model", str(tmp_path / "policy"), "--prompts", str(prompts), "--reward-model", str(tmp_path / "rm"),
+                 "--num-samples", "3", "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu",
+                 "--out", str(tmp_path / "ranked.jsonl")])  # fmt: skip
+    assert [r["prompt"] for r in rows] == ["hi a b", "hello"]
+    for row in rows:
+        want = RewardModel(rm, tokenizer)([row["prompt"]] * 3, row["completions"])
+        assert row["scores"] == pytest.approx(want, abs=1e-5)
+
+
 def test_a_reward_model_needs_a_chat_template():
     with pytest.raises(ValueError, match="chat template"):
         RewardModel(reward_model(), make_tokenizer(chat=False))
@@ -293,6 +321,13 @@ def test_resume_refuses_a_file_written_for_other_prompts(model, tokenizer, tmp_p
     run(model, tokenizer, out=out)
     with pytest.raises(ValueError, match="prompt_index 0"):
         run(model, tokenizer, prompts=["c d"] + PROMPTS[1:], out=out)
+
+
+def test_resume_refuses_other_arguments(model, tokenizer, tmp_path):
+    out = tmp_path / "ranked.jsonl"
+    run(model, tokenizer, out=out)
+    with pytest.raises(ValueError, match="prompt 0 .* 3 completions, not num_samples = 4"):
+        run(model, tokenizer, out=out, num_samples=4)
 
 
 def test_a_killed_process_resumes_with_nothing_lost_or_duplicated(model, tokenizer, tmp_path):
