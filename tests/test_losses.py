@@ -306,3 +306,18 @@ def test_large_rewards_stay_finite(batch):
     for model in LOSSES:
         out = LOSSES[model](p.float(), None, batch.ranks, beta=1.0, reduction="none")
         assert torch.isfinite(out).all()
+
+
+@given(n=st.integers(2, 7), k=st.integers(1, 7), w=st.floats(0.1, 3.0), seed=st.integers(0, 2**16))
+def test_mallows_topk_at_equal_rewards_has_the_discrete_gradient(n, k, w, seed):
+    """At r = 0 every sigma' is 1/4 and the (n - i) weights cancel picks 2..k: w/4 [-(n-1), 1, ..., 1]."""
+    k = min(k, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ranks = torch.full((1, n), UNRANKED)
+    ranks[0, perm[:k]] = torch.arange(k)
+    policy = torch.zeros(1, n, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(mallows_rmj_topk(policy, torch.zeros(1, n, dtype=torch.float64), ranks,
+                                                   beta=1.0, neg_log_phi=w), policy)  # fmt: skip
+    want = torch.full((1, n), w / 4, dtype=torch.float64)
+    want[0, perm[0]] = -(n - 1) * w / 4
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
