@@ -318,6 +318,7 @@ def interleaved(rounds: int = 3) -> None:
 
     print("padded_all_rows / prefix_shared:", ratio(("ranked", "padded_all_rows"), ("ranked", "prefix_shared")))
     print("padded / prefix_shared:", ratio(("ranked", "padded"), ("ranked", "prefix_shared")))
+    print("padded / prefix_shared, FLOP-count limit:", flop_limit())
     if ("ranked", "prefix_shared_dense") in per_round:
         print("padded / prefix_shared_dense:", ratio(("ranked", "padded"), ("ranked", "prefix_shared_dense")))
         print(
@@ -330,6 +331,31 @@ def interleaved(rounds: int = 3) -> None:
         "|S|=5 prefix_shared / DPO padded_all_rows:",
         ratio(("ranked", "prefix_shared"), ("dpo_pair", "padded_all_rows")),
     )
+
+
+def flop_limit() -> str:
+    """padded / prefix_shared in FLOPs of the ranked step: the speed-up a step could reach if time followed FLOPs.
+
+    Linear layers ``2 x params`` per token, attention ``4 x H`` per (query, key) pair and layer (``QK^T``
+    and ``PV``), both 4x (policy forward, its backward 2x, reference forward); the LM head
+    ``2 x V x H`` per target row, 5x (the fused backward recomputes the logits). Pairs: prefix-shared
+    the mask's nonzeros (:func:`rcpo_losses.packing.attended_pairs`); padded causal ``L (L + 1) / 2``
+    per sequence of the padded length ``L`` (the least), or ``L^2`` (what ``sdpa`` computes with a
+    padding mask, no causal skip).
+    """
+    from rcpo_losses.packing import attended_pairs
+
+    packed, padded = make_batch("ranked", "prefix_shared"), make_batch("ranked", "padded")
+    B, n, L = padded["input_ids"].shape
+    body, pair, row = 2 * LAYERS * (4 * H * H + 3 * H * FFN), 4 * H * LAYERS, 2 * V * H
+    rows = packed["target_ids"].numel()
+
+    def flop(tokens, pairs):
+        return 4 * (body * tokens + pair * pairs) + 5 * row * rows
+
+    prefix = flop(packed["input_ids"].numel(), attended_pairs(packed))
+    causal, full = flop(B * n * L, B * n * L * (L + 1) // 2), flop(B * n * L, B * n * L * L)
+    return f"{causal / prefix:.2f}x (padded attention causal), {full / prefix:.2f}x (padded attention L^2)"
 
 
 def attention_cost(rounds: int = 3) -> None:

@@ -37,11 +37,14 @@ class Segments:
 
     ``bounds[i] = (q_start, q_end, prompt_start, prompt_end)``: segment ``i``'s queries are
     positions ``[q_start, q_end)``, its keys ``[prompt_start, prompt_end)`` (empty for a prompt)
-    then ``[q_start, q_end)``. ``masks[layer type][i]``: bool ``(q_end - q_start, keys)``, True:
-    attend; None where it is plain causal (``sdpa``'s ``is_causal``).
+    then ``[q_start, q_end)``. ``kv_index``: every segment's key positions, one after the other
+    (one ``index_select`` gathers all keys, whose backward is one ``index_add``: slicing per
+    segment would cost a full-size gradient per slice). ``masks[layer type][i]``: bool
+    ``(q_end - q_start, keys)``, True: attend; None where it is plain causal (``sdpa``'s ``is_causal``).
     """
 
     bounds: tuple[tuple[int, int, int, int], ...]
+    kv_index: Tensor
     masks: dict
 
 
@@ -76,6 +79,7 @@ def segments(batch, limits: dict) -> Segments:
     """
     bounds = segment_bounds(batch)
     device = batch["input_ids"].device
+    keys = [torch.cat([torch.arange(ps, pe), torch.arange(qs, qe)]) for qs, qe, ps, pe in bounds]
     built = {}
     for window, chunk in set(limits.values()):
         rule = prefix_shared_mask_mod(batch["row_index"], batch["response_index"], batch["position_ids"], window, chunk)
@@ -87,7 +91,7 @@ def segments(batch, limits: dict) -> Segments:
             causal = ps == pe and bool(mask.equal(torch.ones_like(mask).tril()))
             masks.append(None if causal else mask)
         built[window, chunk] = tuple(masks)
-    return Segments(bounds, {t: built[limit] for t, limit in limits.items()})
+    return Segments(bounds, torch.cat(keys).to(device), {t: built[limit] for t, limit in limits.items()})
 
 
 def _layer_type(module):
@@ -126,16 +130,16 @@ def segment_attention_forward(
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     p = dropout if module.training else 0.0
-    outs = []
-    for (qs, qe, ps, pe), mask in zip(layout.bounds, layout.masks[_layer_type(module)], strict=True):
-        k, v = key[:, :, qs:qe], value[:, :, qs:qe]
-        if pe > ps:
-            k, v = torch.cat([key[:, :, ps:pe], k], 2), torch.cat([value[:, :, ps:pe], v], 2)
-        outs.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, qs:qe], k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=scaling
-            )
+    queries = query.split([qe - qs for qs, qe, _, _ in layout.bounds], 2)
+    sizes = [qe - qs + pe - ps for qs, qe, ps, pe in layout.bounds]
+    keys, values = (x.index_select(2, layout.kv_index).split(sizes, 2) for x in (key, value))
+    masks = layout.masks[_layer_type(module)]
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=scaling
         )
+        for q, k, v, mask in zip(queries, keys, values, masks, strict=True)
+    ]
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 

@@ -8,6 +8,7 @@ the zoo's (tests/test_prefix_shared_zoo.py), which runs this path for every ``sd
 
 from __future__ import annotations
 
+import shutil
 import types
 
 import pytest
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from rcpo_losses.data import RankedPreferenceCollator
 from rcpo_losses.packing import dense_attention_mask, pack_prefix_shared
 from rcpo_losses.segment_attention import KWARG, Segments, segment_attention_forward, segment_bounds, segments
-from tests.test_prefix_shared import WINDOW, IntTokenizer, random_rows
+from tests.test_prefix_shared import WINDOW, IntTokenizer, fp64_softmax, random_rows  # noqa: F401 (a fixture)
 
 LIMITS = {"full": (None, None), "sliding": (WINDOW, None), "chunked": (None, WINDOW)}
 
@@ -79,14 +80,24 @@ def dense_attention(batch, q, k, v, window, chunk, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
-@pytest.mark.parametrize("layer_type", list(LIMITS))
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+CASES = [(t, "eager") for t in LIMITS] + [(t, "aot_eager") for t in LIMITS] + [("sliding", "inductor")]
+
+
+@pytest.mark.parametrize(("layer_type", "compiled"), CASES, ids=[f"{t}-{c}" for t, c in CASES])
 def test_equals_the_dense_mask_values_and_gradients(layer_type, compiled):
-    """fp64, 4 query heads on 2 key/value heads (GQA), the layer type's window or chunk, a scale not 1/sqrt(d)."""
+    """fp64, 4 query heads on 2 key/value heads (GQA), the layer type's window or chunk, a scale not 1/sqrt(d).
+
+    ``compiled``: ``torch.compile(fullgraph=True)`` with that backend (aot_eager: dynamo's trace and AOT
+    autograd without a C++ build; inductor once, it compiles for tens of seconds).
+    """
+    if compiled == "inductor" and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU compiles C++")
     batch = packed_batch()
     layout = segments(batch, {"full": (None, None), layer_type: LIMITS[layer_type]})
     P = batch["input_ids"].shape[-1]
-    fn = torch.compile(segment_attention_forward, fullgraph=True) if compiled else segment_attention_forward
+    fn = segment_attention_forward
+    if compiled != "eager":
+        fn = torch.compile(fn, fullgraph=True, backend=compiled)
     q, k, v = qkv(P)
     got, weights = fn(module(layer_type), q, k, v, None, scaling=0.3, **{KWARG: layout})
     assert weights is None and got.shape == (1, P, 4, 8)
@@ -110,3 +121,34 @@ def test_refuses_what_it_cannot_compute():
             segment_attention_forward(module(), q, k, v, None, **{KWARG: layout, name: torch.ones(4)})
     with pytest.raises(ValueError, match="takes no attention_mask"):
         segment_attention_forward(module(), q, k, v, dense_attention_mask(batch), **{KWARG: layout})
+
+
+@pytest.mark.usefixtures("fp64_softmax")
+def test_compiled_model_equals_padded():
+    """``torch.compile(model)`` through ``response_stats``: Qwen3, GQA, a full and a sliding layer, fp64.
+
+    aot_eager: dynamo traces the model's forward with the segments in its keyword arguments, into the
+    registered attention function (the inductor build of that function is the test above).
+    """
+    from rcpo_losses import response_stats
+    from tests.test_prefix_shared import fp64_norms
+    from tests.test_prefix_shared_zoo import zoo_model
+
+    rows = random_rows()
+    padded = RankedPreferenceCollator(IntTokenizer(), k=3)(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), k=3, layout="prefix_shared")(rows)
+    model = zoo_model("qwen3")
+    fp64_norms(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    results = []
+    for m, batch in ((model, padded), (compiled, packed)):
+        model.zero_grad(set_to_none=True)
+        stats = response_stats(m, batch)
+        (stats.logps.sum() + stats.entropy_sums.sum()).backward()
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.entropy_sums, want.entropy_sums, rtol=1e-9, atol=1e-9)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-9, msg=name)
