@@ -15,8 +15,11 @@ A step: policy forward and backward, reference forward under ``no_grad``, the lo
 - ``padded``: the same ``[B * S, L]`` sequences through :func:`rcpo_losses.response_stats`,
   the LM head only on the rows that predict a completion token;
 - ``prefix_shared``: one packed sequence, each prompt once, no padding, through
-  :func:`rcpo_losses.response_stats` (CPU: ``sdpa`` with the dense ``[1, 1, P, P]`` mask;
-  CUDA: ``flex_attention`` with a ``BlockMask``).
+  :func:`rcpo_losses.response_stats` (CPU: the segment attention, ``sdpa`` per prompt and per
+  completion with its prompt, :mod:`rcpo_losses.segment_attention`; CUDA: ``flex_attention``
+  with a ``BlockMask``);
+- ``prefix_shared_dense`` (CPU only): the same, with ``sdpa`` and the dense ``[1, 1, P, P]`` mask
+  (``rcpo_losses.ops.backend.CPU_SEGMENT_ATTENTION = False``).
 
 ``dpo_pair-*`` rows run the pair step (completions 0 and 1 of each prompt, the first the
 chosen one) in the ``padded_all_rows`` layout (as TRL's DPO: both sequences padded, the LM

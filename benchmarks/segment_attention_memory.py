@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    python benchmarks/segment_attention_memory.py              # packed length >= 16,384 tokens
-    python benchmarks/segment_attention_memory.py --tokens 4096
+    python benchmarks/segment_attention_memory.py                  # packed lengths >= 4,096 and >= 16,384
+    python benchmarks/segment_attention_memory.py --tokens 16384
 
 The packed batch: ``bench_ranked_step.make_rows`` prompts (uniform ``[140, 200]`` tokens, 5
 completions of ``[200, 600]``), as many as reach ``--tokens`` packed positions ``P``. One layer
@@ -84,23 +84,23 @@ def measure(path: str, tokens: int, start, peak) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="smallest packed length P")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="smallest packed lengths P")
     args = parser.parse_args()
     import peak_memory
     import torch
 
     from rcpo_losses.packing import attended_pairs
 
-    batch = packed_batch(args.tokens)
-    P = batch["input_ids"].shape[-1]
-    pairs = attended_pairs(batch)
-    print(f"P = {P} packed tokens ({int(batch['row_index'].max()) + 1} prompts), {torch.get_num_threads()} threads")
-    print(f"(P)^2 = {P * P / 1e6:.1f} M pairs; the mask's nonzeros: {pairs / 1e6:.2f} M ({pairs / P**2:.1%})")
-    print("| attention | peak above q, k, v (MB) | forward + backward (s) |")
-    print("|---|---|---|")
-    for path in ("dense", "segments"):
-        out = peak_memory.run(SCRIPT, ROOT, path, args.tokens, timeout=1200, threads=torch.get_num_threads())
-        print(f"| {path} | {out['peak_bytes'] / 1e6:.0f} | {out['seconds']:.2f} |")
+    print(f"{torch.get_num_threads()} threads")
+    print("| P | prompts | P^2 | mask nonzeros | attention | peak above q, k, v | forward + backward |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in args.tokens:
+        batch = packed_batch(tokens)
+        P, prompts, pairs = batch["input_ids"].shape[-1], int(batch["row_index"].max()) + 1, attended_pairs(batch)
+        for path in ("dense", "segments"):
+            out = peak_memory.run(SCRIPT, ROOT, path, tokens, timeout=1200, threads=torch.get_num_threads())
+            print(f"| {P:,} | {prompts} | {P * P / 1e6:.1f} M | {pairs / 1e6:.2f} M | {path} | "
+                  f"{out['peak_bytes'] / 1e6:.0f} MB | {out['seconds']:.2f} s |")  # fmt: skip
 
 
 if __name__ == "__main__":

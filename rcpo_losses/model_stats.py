@@ -311,13 +311,16 @@ def segment_attention_implementation(model: nn.Module) -> str | None:
     The segment attention (:mod:`rcpo_losses.segment_attention`: ``sdpa`` over each prompt and
     each completion with its prompt, cost and memory with the mask's nonzeros, not ``P^2``)
     for an ``sdpa`` model where :func:`rcpo_losses.ops.backend.segment_attention` chooses it
-    (the CPU) and no config field of ``DENSE_ONLY`` is set; None otherwise (the model's own
-    implementation with :func:`prefix_shared_attention_mask`'s mask).
+    (the CPU), no config field of ``DENSE_ONLY`` is set and no gradient checkpointing (its
+    backward recomputes the layers after the forward, outside the switch); None otherwise (the
+    model's own implementation with :func:`prefix_shared_attention_mask`'s mask).
     """
-    config = _config(model)
+    config, inner = _config(model), unwrap_model(model)
     if config._attn_implementation != "sdpa" or any(getattr(config, f, None) is not None for f in DENSE_ONLY):
         return None
-    return segment_attention_name() if segment_attention(next(unwrap_model(model).parameters())) else None
+    if getattr(inner, "is_gradient_checkpointing", False):  # the backward's recompute runs after the switch back
+        return None
+    return segment_attention_name() if segment_attention(next(inner.parameters())) else None
 
 
 def packed_forward_inputs(model: nn.Module, batch) -> tuple[str | None, dict]:

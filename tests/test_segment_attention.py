@@ -152,3 +152,22 @@ def test_compiled_model_equals_padded():
     assert want_grads.keys() == got_grads.keys() and want_grads
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_gradient_checkpointing_keeps_the_dense_mask(monkeypatch):
+    """The backward recomputes each layer after response_stats has switched the implementation back: no segments."""
+    from rcpo_losses import model_stats
+    from tests.test_prefix_shared import stats_and_grads
+    from tests.test_prefix_shared_zoo import zoo_model
+
+    rows = random_rows()
+    padded = RankedPreferenceCollator(IntTokenizer(), k=3)(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), k=3, layout="prefix_shared")(rows)
+    model = zoo_model("mistral", torch.float32)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert model_stats.segment_attention_implementation(model) is None
+    want, want_grads = stats_and_grads(model, padded, True)
+    got, got_grads = stats_and_grads(model, packed, True)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
