@@ -15,8 +15,11 @@ A step: policy forward and backward, reference forward under ``no_grad``, the lo
 - ``padded``: the same ``[B * S, L]`` sequences through :func:`rcpo_losses.response_stats`,
   the LM head only on the rows that predict a completion token;
 - ``prefix_shared``: one packed sequence, each prompt once, no padding, through
-  :func:`rcpo_losses.response_stats` (CPU: ``sdpa`` with the dense ``[1, 1, P, P]`` mask;
-  CUDA: ``flex_attention`` with a ``BlockMask``).
+  :func:`rcpo_losses.response_stats` (CPU: the segment attention, ``sdpa`` per prompt and per
+  completion with its prompt, :mod:`rcpo_losses.segment_attention`; CUDA: ``flex_attention``
+  with a ``BlockMask``);
+- ``prefix_shared_dense`` (CPU only): the same, with ``sdpa`` and the dense ``[1, 1, P, P]`` mask
+  (``rcpo_losses.ops.backend.CPU_SEGMENT_ATTENTION = False``).
 
 ``dpo_pair-*`` rows run the pair step (completions 0 and 1 of each prompt, the first the
 chosen one) in the ``padded_all_rows`` layout (as TRL's DPO: both sequences padded, the LM
@@ -57,6 +60,7 @@ from rcpo_losses import (
     mnl_pairwise,
     response_stats,
 )
+from rcpo_losses.ops import backend
 from rcpo_losses.packing import pack_prefix_shared
 
 V, H, LAYERS, FFN, HEADS = 32000, 512, 4, 1376, 8
@@ -65,7 +69,8 @@ PROMPT_LEN, COMPLETION_LEN = (140, 200), (200, 600)
 NUM_PROMPTS = int(os.environ.get("RCPO_BENCH_PROMPTS", 16 if DEVICE == "cuda" else 1))
 ROUNDS = 10 if DEVICE == "cuda" else 2  # a CPU step takes seconds to tens of seconds
 DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}[os.environ.get("RCPO_BENCH_DTYPE", "bf16")]
-LAYOUTS = ("padded_all_rows", "padded", "prefix_shared")
+# prefix_shared_dense (CPU): sdpa with the dense [P, P] mask instead of the segment attention
+LAYOUTS = ("padded_all_rows", "padded", "prefix_shared") + (("prefix_shared_dense",) if DEVICE == "cpu" else ())
 ROWS = [("ranked", layout) for layout in LAYOUTS] + [("dpo_pair", "padded_all_rows"), ("dpo_pair", "prefix_shared")]
 
 
@@ -103,7 +108,7 @@ def make_batch(kind: str, layout: str, num_prompts: int = NUM_PROMPTS) -> dict:
     if kind == "dpo_pair":  # completion 0 chosen over completion 1
         completions = [cs[:2] for cs in completions]
         ranks = torch.tensor([[0, -1]] * len(prompts))  # 0: chosen, UNRANKED (-1): the other
-    if layout == "prefix_shared":
+    if layout.startswith("prefix_shared"):
         batch = {"ranks": ranks, **pack_prefix_shared(prompts, completions, ranks.shape[1])}
     else:
         batch = padded_batch(prompts, completions, ranks)
@@ -132,7 +137,9 @@ def models():
 
 def set_layout_attention(model, layout: str) -> None:
     """flex_attention for the packed layout on CUDA (a BlockMask); sdpa elsewhere (the dense or 2D mask)."""
-    model.set_attn_implementation("flex_attention" if layout == "prefix_shared" and DEVICE == "cuda" else "sdpa")
+    model.set_attn_implementation(
+        "flex_attention" if layout.startswith("prefix_shared") and DEVICE == "cuda" else "sdpa"
+    )
 
 
 def all_rows_stats(model, batch, entropy: bool):
@@ -153,6 +160,14 @@ def all_rows_stats(model, batch, entropy: bool):
 
 
 def step(policy, ref, batch, kind: str, layout: str) -> torch.Tensor:
+    backend.CPU_SEGMENT_ATTENTION = False if layout == "prefix_shared_dense" else None
+    try:
+        return _step(policy, ref, batch, kind, layout)
+    finally:
+        backend.CPU_SEGMENT_ATTENTION = None
+
+
+def _step(policy, ref, batch, kind: str, layout: str) -> torch.Tensor:
     stats = all_rows_stats if layout == "padded_all_rows" else response_stats
     pol = stats(policy, batch, entropy=False)
     with torch.no_grad():
@@ -169,7 +184,7 @@ def step(policy, ref, batch, kind: str, layout: str) -> torch.Tensor:
 
 
 def token_counts(batch, layout: str) -> dict:
-    if layout == "prefix_shared":
+    if layout.startswith("prefix_shared"):
         fed, rows = batch["input_ids"].numel(), batch["target_ids"].numel()
     else:
         keep = batch["attention_mask"].bool().reshape(-1, batch["input_ids"].shape[-1])
@@ -233,7 +248,7 @@ def test_ranked_step(benchmark, policy_ref, kind, layout):
     )
     if peak is not None:
         benchmark.extra_info.update(peak_mb=peak / 1e6)
-    if layout == "prefix_shared":  # the issue's targets, on the counts (not timed)
+    if layout.startswith("prefix_shared"):  # the issue's targets, on the counts (not timed)
         assert counts["tokens_fed"] <= 1.05 * (counts["prompt_tokens"] + counts["completion_tokens"])
         assert counts["lm_head_rows"] == counts["completion_tokens"]
 
@@ -306,12 +321,44 @@ def interleaved(rounds: int = 3) -> None:
 
     print("padded_all_rows / prefix_shared:", ratio(("ranked", "padded_all_rows"), ("ranked", "prefix_shared")))
     print("padded / prefix_shared:", ratio(("ranked", "padded"), ("ranked", "prefix_shared")))
+    print("padded / prefix_shared, FLOP-count limit:", flop_limit())
+    if ("ranked", "prefix_shared_dense") in per_round:
+        print("padded / prefix_shared_dense:", ratio(("ranked", "padded"), ("ranked", "prefix_shared_dense")))
+        print(
+            "prefix_shared_dense / prefix_shared:",
+            ratio(("ranked", "prefix_shared_dense"), ("ranked", "prefix_shared")),
+        )
     print("|S|=5 / DPO, padded_all_rows:", ratio(("ranked", "padded_all_rows"), ("dpo_pair", "padded_all_rows")))
     print("|S|=5 / DPO, prefix_shared:", ratio(("ranked", "prefix_shared"), ("dpo_pair", "prefix_shared")))
     print(
         "|S|=5 prefix_shared / DPO padded_all_rows:",
         ratio(("ranked", "prefix_shared"), ("dpo_pair", "padded_all_rows")),
     )
+
+
+def flop_limit() -> str:
+    """padded / prefix_shared in FLOPs of the ranked step: the speed-up a step could reach if time followed FLOPs.
+
+    Linear layers ``2 x params`` per token, attention ``4 x H`` per (query, key) pair and layer (``QK^T``
+    and ``PV``), both 4x (policy forward, its backward 2x, reference forward); the LM head
+    ``2 x V x H`` per target row, 5x (the fused backward recomputes the logits). Pairs: prefix-shared
+    the mask's nonzeros (:func:`rcpo_losses.packing.attended_pairs`); padded causal ``L (L + 1) / 2``
+    per sequence of the padded length ``L`` (the least), or ``L^2`` (what ``sdpa`` computes with a
+    padding mask, no causal skip).
+    """
+    from rcpo_losses.packing import attended_pairs
+
+    packed, padded = make_batch("ranked", "prefix_shared"), make_batch("ranked", "padded")
+    B, n, L = padded["input_ids"].shape
+    body, pair, row = 2 * LAYERS * (4 * H * H + 3 * H * FFN), 4 * H * LAYERS, 2 * V * H
+    rows = packed["target_ids"].numel()
+
+    def flop(tokens, pairs):
+        return 4 * (body * tokens + pair * pairs) + 5 * row * rows
+
+    prefix = flop(packed["input_ids"].numel(), attended_pairs(packed))
+    causal, full = flop(B * n * L, B * n * L * (L + 1) // 2), flop(B * n * L, B * n * L * L)
+    return f"{causal / prefix:.2f}x (padded attention causal), {full / prefix:.2f}x (padded attention L^2)"
 
 
 def attention_cost(rounds: int = 3) -> None:

@@ -56,7 +56,8 @@ class LMHeadSpec(NamedTuple):
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP's ``.module`` or ``torch.compile``'s ``._orig_mod`` wrappers."""
-    while not hasattr(model, "get_output_embeddings"):
+    # torch.compile's wrapper forwards attribute reads (get_output_embeddings too) but not its class's forward
+    while not hasattr(model, "get_output_embeddings") or isinstance(getattr(model, "_orig_mod", None), nn.Module):
         inner = getattr(model, "module", None)
         if inner is None:
             inner = getattr(model, "_orig_mod", None)

@@ -26,8 +26,11 @@ from torch import Tensor, nn
 
 from .fused_linear import fused_linear_token_stats
 from .lm_head import check_tolerance, eval_mode, final_hidden_states, lm_head_spec, unwrap_model
+from .ops.backend import segment_attention
 from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared, pack_prefix_shared
 from .ranks import IGNORE
+from .segment_attention import KWARG, segments
+from .segment_attention import register as segment_attention_name
 from .tokens import ResponseTokenStats, token_logps_and_entropy
 
 # Attention implementations that apply the attention_mask they are given. Others (flash_attention_2 / 3,
@@ -43,6 +46,10 @@ LAYER_TYPES = {
 }
 # Layer types whose state runs along the whole sequence (no mask can keep completions apart).
 RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding")
+
+# Config fields that keep an sdpa model on the dense mask instead of the segment attention
+# (rcpo_losses.segment_attention), which sdpa's arguments cannot express: {field: why} (set and not None).
+DENSE_ONLY = {"attn_logit_softcapping": "soft-capped attention logits", "sinks": "attention sinks (s_aux)"}
 
 # The first-seen check of the prefix-shared layout against the padded one: on by default (prefix_shared_problem).
 VERIFY = True
@@ -213,7 +220,7 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
         return reason
     inner = unwrap_model(model)
     impl = _config(inner)._attn_implementation
-    key = _fingerprint(inner)
+    key = (*_fingerprint(inner), segment_attention_implementation(inner))  # and the segment attention
     if key in _VERIFIED:
         return None
     try:
@@ -273,9 +280,9 @@ def _probe(inner: nn.Module) -> tuple[float, float, float]:
                     ids = torch.tensor([[*prompt, *c[:-1]]], device=device)
                     want.append(final_hidden_states(inner, ids, torch.ones_like(ids))[0, len(prompt) - 1 :])
             want = torch.cat(want)
-            mask = _attention_mask(inner, packed)
-            got = final_hidden_states(inner, packed["input_ids"], mask, position_ids=packed["position_ids"])
-            got = got[0, packed["target_index"]]
+            impl, inputs = packed_forward_inputs(inner, packed)
+            with attention_implementation(inner, impl):
+                got = final_hidden_states(inner, packed["input_ids"], **inputs)[0, packed["target_index"]]
     finally:
         hook.remove()
     # Largest max|h_packed - h_alone| / max|h_alone| accepted: the tolerance of lm_head's first-seen check.
@@ -291,10 +298,43 @@ def prefix_shared_attention_mask(model: nn.Module, batch) -> Tensor | dict:
     ``flex_attention``: a ``BlockMask``. One mask per layer type of :func:`layer_masks` (its
     sliding window or chunk in it), as a dict ``{layer type: mask}`` when the types differ
     (Hugging Face's shared masking code hands each layer its type's mask and returns a 4D
-    mask as-is), else the one mask.
+    mask as-is), else the one mask. (Where :func:`segment_attention_implementation` applies,
+    :func:`response_stats` passes segments instead: :func:`packed_forward_inputs`.)
     """
     check_prefix_shared(model)
     return _attention_mask(model, batch)
+
+
+def segment_attention_implementation(model: nn.Module) -> str | None:
+    """The implementation ``model``'s prefix-shared forward runs with instead of its own, or None.
+
+    The segment attention (:mod:`rcpo_losses.segment_attention`: ``sdpa`` over each prompt and
+    each completion with its prompt, cost and memory with the mask's nonzeros, not ``P^2``)
+    for an ``sdpa`` model where :func:`rcpo_losses.ops.backend.segment_attention` chooses it
+    (the CPU), no config field of ``DENSE_ONLY`` is set and no gradient checkpointing (its
+    backward recomputes the layers after the forward, outside the switch); None otherwise (the
+    model's own implementation with :func:`prefix_shared_attention_mask`'s mask).
+    """
+    config, inner = _config(model), unwrap_model(model)
+    if config._attn_implementation != "sdpa" or any(getattr(config, f, None) is not None for f in DENSE_ONLY):
+        return None
+    if getattr(inner, "is_gradient_checkpointing", False):  # the backward's recompute runs after the switch back
+        return None
+    return segment_attention_name() if segment_attention(next(inner.parameters())) else None
+
+
+def packed_forward_inputs(model: nn.Module, batch) -> tuple[str | None, dict]:
+    """``(attention implementation or None, forward keyword arguments)`` of ``model``'s forward on a packed batch.
+
+    The segment attention (:func:`segment_attention_implementation`) gets the segments as the
+    keyword argument ``rcpo_segments`` and ``attention_mask=None``; the model's own
+    implementation gets :func:`prefix_shared_attention_mask`'s mask (not checked here).
+    """
+    impl = segment_attention_implementation(model)
+    inputs = {"position_ids": batch["position_ids"]}
+    if impl is None:
+        return None, {**inputs, "attention_mask": _attention_mask(model, batch)}
+    return impl, {**inputs, "attention_mask": None, KWARG: segments(batch, layer_masks(_config(model)))}
 
 
 def _attention_mask(model: nn.Module, batch) -> Tensor | dict:
@@ -378,12 +418,14 @@ def response_stats(
     B, S = ranks.shape
     if is_prefix_shared(batch):
         ids = batch["input_ids"]
-        inputs = {"position_ids": batch["position_ids"], "attention_mask": prefix_shared_attention_mask(model, batch)}
+        check_prefix_shared(model)
+        impl, inputs = packed_forward_inputs(model, batch)
         index, targets, response = batch["target_index"], batch["target_ids"], batch["target_response"]
     else:
-        ids, inputs, index, targets, response = _padded_inputs(batch)
+        impl, (ids, inputs, index, targets, response) = None, _padded_inputs(batch)
     if fused_linear:
-        hidden = final_hidden_states(model, ids, **inputs)
+        with attention_implementation(model, impl):
+            hidden = final_hidden_states(model, ids, **inputs)
         spec = lm_head_spec(model)  # after the forward: FSDP2 has unsharded the head
         logp, ent = fused_linear_token_stats(
             hidden.reshape(-1, hidden.shape[-1])[index],
@@ -398,7 +440,8 @@ def response_stats(
         )
     else:
         if is_prefix_shared(batch):
-            logits = model(ids, use_cache=False, logits_to_keep=index, **inputs).logits[0]
+            with attention_implementation(model, impl):
+                logits = model(ids, use_cache=False, logits_to_keep=index, **inputs).logits[0]
         else:
             logits = model(ids, use_cache=False, **inputs).logits
             logits = logits.reshape(-1, logits.shape[-1])[index]

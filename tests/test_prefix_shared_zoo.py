@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import rcpo_losses.model_stats as model_stats  # noqa: E402
+import rcpo_losses.ops.backend as backend  # noqa: E402
 from rcpo_losses import IGNORE, response_stats  # noqa: E402
 from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
 from rcpo_losses.model_stats import check_prefix_shared, layer_masks  # noqa: E402
@@ -111,9 +112,11 @@ def fresh_checks(monkeypatch):
 
 
 @pytest.mark.usefixtures("fp64_softmax")
+@pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("family", list(ZOO))
-def test_zoo_prefix_shared_equals_padded(family, fused, fresh_checks):
+def test_zoo_prefix_shared_equals_padded(family, fused, attention, fresh_checks, monkeypatch):
+    """``attention``: the segment attention where it applies (every sdpa family), or the dense mask everywhere."""
     rows = random_rows()
     padded = RankedPreferenceCollator(IntTokenizer(), k=3)(rows)
     packed = RankedPreferenceCollator(IntTokenizer(), k=3, layout="prefix_shared")(rows)
@@ -121,9 +124,14 @@ def test_zoo_prefix_shared_equals_padded(family, fused, fresh_checks):
     model = zoo_model(family)
     assert all(w in (None, WINDOW) and c in (None, WINDOW) for w, c in layer_masks(model.config).values())
     fp64_norms(model)
+    monkeypatch.setattr(backend, "CPU_SEGMENT_ATTENTION", attention == "segments")
+    built = []
+    segments = model_stats.segments
+    monkeypatch.setattr(model_stats, "segments", lambda *args: built.append(1) or segments(*args))
     want, want_grads = stats_and_grads(model, padded, fused)
     got, got_grads = stats_and_grads(model, packed, fused)
     assert len(model_stats._VERIFIED) == 1  # the probe ran, and passed
+    assert bool(built) == (attention == "segments" and model.config._attn_implementation == "sdpa")
     tol = dict(rtol=1e-10, atol=1e-10)
     assert torch.equal(got.lengths, want.lengths)
     torch.testing.assert_close(got.logps, want.logps, **tol)
@@ -268,8 +276,10 @@ def test_trainer_trains_prefix_shared_by_default(family, tmp_path, monkeypatch, 
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
-def test_the_probe_tolerance_follows_autocast_inside_the_forward(fresh_checks):
+def test_the_probe_tolerance_follows_autocast_inside_the_forward(fresh_checks, monkeypatch):
     """An fp32 model whose forward runs under bf16 autocast (accelerate wraps it so) gets the half tolerance."""
+    # the dense mask: the segment attention computes each probe sequence exactly as alone, with no rounding to see
+    monkeypatch.setattr(backend, "CPU_SEGMENT_ATTENTION", False)
     model = zoo_model("mistral", torch.float32)
     plain = model_stats._probe(model)
     forward = model.forward

@@ -123,6 +123,19 @@ def cpu_vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
     return CPU_VOCAB_TILES is not False
 
 
+# The CPU's prefix-shared attention: sdpa over the packed batch's segments (rcpo_losses.segment_attention), each
+# completion against its prompt and itself, instead of sdpa with the dense [P, P] mask, which computes all P^2
+# pairs. None: on for CPU tensors; True/False: force it on or off (True: on every device).
+CPU_SEGMENT_ATTENTION: bool | None = None
+
+
+def segment_attention(x: Tensor) -> bool:
+    """Whether an ``sdpa`` model's prefix-shared forward on ``x`` (its input ids) runs over segments (see above)."""
+    if CPU_SEGMENT_ATTENTION is not None:
+        return CPU_SEGMENT_ATTENTION
+    return x.device.type == "cpu"
+
+
 # The tile math of that path (rcpo_losses.reference.token_stats.tile_stats, tile_logits_grad) is a
 # handful of elementwise passes over each [rows, cols] tile; eager PyTorch runs each as its own
 # sweep through memory, inductor fuses them into one loop. None: compile where inductor can

@@ -1,0 +1,173 @@
+"""The segment attention of the prefix-shared layout (rcpo_losses.segment_attention) against the dense mask.
+
+The segments must cover exactly the pairs of the one rule (packing.prefix_shared_mask_mod), and
+``sdpa`` over them must give the dense-mask attention's values and gradients (fp64, GQA, windows,
+chunks, per-layer types), eagerly and compiled. The model-level equality with the padded layout is
+the zoo's (tests/test_prefix_shared_zoo.py), which runs this path for every ``sdpa`` family.
+"""
+
+from __future__ import annotations
+
+import shutil
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcpo_losses.data import RankedPreferenceCollator
+from rcpo_losses.packing import dense_attention_mask, pack_prefix_shared
+from rcpo_losses.segment_attention import KWARG, Segments, segment_attention_forward, segment_bounds, segments
+from tests.test_prefix_shared import WINDOW, IntTokenizer, fp64_softmax, random_rows  # noqa: F401 (a fixture)
+
+LIMITS = {"full": (None, None), "sliding": (WINDOW, None), "chunked": (None, WINDOW)}
+
+
+def packed_batch(seeds=(0, 1)):
+    rows = [r for s in seeds for r in random_rows(s)]
+    return RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows)
+
+
+def covered(batch, layout: Segments, layer_type) -> torch.Tensor:
+    """The ``(P, P)`` pairs the segments attend, in packed positions."""
+    P = batch["input_ids"].shape[-1]
+    out = torch.zeros(P, P, dtype=torch.bool)
+    for (qs, qe, ps, pe), mask in zip(layout.bounds, layout.masks[layer_type], strict=True):
+        kv = torch.cat([torch.arange(ps, pe), torch.arange(qs, qe)])
+        if mask is None:
+            mask = torch.ones(qe - qs, qe - qs, dtype=torch.bool).tril()
+        out[torch.arange(qs, qe)[:, None], kv[None, :]] = mask
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segments_cover_exactly_the_rules_pairs(seed):
+    batch = packed_batch((seed, seed + 4))
+    layout = segments(batch, LIMITS)
+    starts, ends = [b[0] for b in layout.bounds], [b[1] for b in layout.bounds]
+    assert starts == [0, *ends[:-1]] and ends[-1] == batch["input_ids"].shape[-1]  # contiguous, in order
+    for name, (window, chunk) in LIMITS.items():
+        want = dense_attention_mask(batch, sliding_window=window, chunk_size=chunk)[0, 0]
+        assert torch.equal(covered(batch, layout, name), want), name
+
+
+def test_segment_bounds():
+    batch = pack_prefix_shared([[5, 6, 7], [8]], [[[1, 2], [3]], [[4, 4, 4]]], 2)
+    # prompt 0, completion 0 (1 input), completion 1 (no input: one token), prompt 1, its completion
+    assert segment_bounds(batch) == ((0, 3, 0, 0), (3, 4, 0, 3), (4, 5, 4, 4), (5, 7, 4, 5))
+    batch["row_index"][0, 3] = 7  # a completion of a row with no prompt
+    with pytest.raises(ValueError, match="row 7, completion 0 at position 3 has no prompt before it"):
+        segment_bounds(batch)
+
+
+def module(layer_type=None, training=False):
+    """What the attention function reads from the attention module: its config's layer types and its layer index."""
+    config = types.SimpleNamespace(layer_types=None if layer_type is None else ["full", layer_type])
+    return types.SimpleNamespace(config=config, layer_idx=1, training=training)
+
+
+def qkv(P, heads=4, kv_heads=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, P, dim, generator=g, dtype=torch.float64) * 3
+    k, v = (torch.randn(1, kv_heads, P, dim, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+def dense_attention(batch, q, k, v, window, chunk, scale):
+    mask = dense_attention_mask(batch, sliding_window=window, chunk_size=chunk)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # transformers' repeat_kv
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+CASES = [(t, "eager") for t in LIMITS] + [(t, "aot_eager") for t in LIMITS] + [("sliding", "inductor")]
+
+
+@pytest.mark.parametrize(("layer_type", "compiled"), CASES, ids=[f"{t}-{c}" for t, c in CASES])
+def test_equals_the_dense_mask_values_and_gradients(layer_type, compiled):
+    """fp64, 4 query heads on 2 key/value heads (GQA), the layer type's window or chunk, a scale not 1/sqrt(d).
+
+    ``compiled``: ``torch.compile(fullgraph=True)`` with that backend (aot_eager: dynamo's trace and AOT
+    autograd without a C++ build; inductor once, it compiles for tens of seconds).
+    """
+    if compiled == "inductor" and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU compiles C++")
+    batch = packed_batch()
+    layout = segments(batch, {"full": (None, None), layer_type: LIMITS[layer_type]})
+    P = batch["input_ids"].shape[-1]
+    fn = segment_attention_forward
+    if compiled != "eager":
+        fn = torch.compile(fn, fullgraph=True, backend=compiled)
+    q, k, v = qkv(P)
+    got, weights = fn(module(layer_type), q, k, v, None, scaling=0.3, **{KWARG: layout})
+    assert weights is None and got.shape == (1, P, 4, 8)
+    want = dense_attention(batch, q, k, v, *LIMITS[layer_type], scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_refuses_what_it_cannot_compute():
+    batch = packed_batch()
+    layout = segments(batch, {None: (None, None)})
+    q, k, v = qkv(batch["input_ids"].shape[-1])
+    with pytest.raises(ValueError, match="needs the packed batch's segments as the keyword argument 'rcpo_segments'"):
+        segment_attention_forward(module(), q, k, v, None)
+    for name in ("softcap", "s_aux"):
+        with pytest.raises(ValueError, match=f"{name} is not supported"):
+            segment_attention_forward(module(), q, k, v, None, **{KWARG: layout, name: torch.ones(4)})
+    with pytest.raises(ValueError, match="takes no attention_mask"):
+        segment_attention_forward(module(), q, k, v, dense_attention_mask(batch), **{KWARG: layout})
+
+
+@pytest.mark.usefixtures("fp64_softmax")
+def test_compiled_model_equals_padded():
+    """``torch.compile(model)`` through ``response_stats``: Qwen3, GQA, a full and a sliding layer, fp64.
+
+    aot_eager: dynamo traces the model's forward with the segments in its keyword arguments, into the
+    registered attention function (the inductor build of that function is the test above).
+    """
+    from rcpo_losses import response_stats
+    from tests.test_prefix_shared import fp64_norms
+    from tests.test_prefix_shared_zoo import zoo_model
+
+    rows = random_rows()
+    padded = RankedPreferenceCollator(IntTokenizer(), k=3)(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), k=3, layout="prefix_shared")(rows)
+    model = zoo_model("qwen3")
+    fp64_norms(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    results = []
+    for m, batch in ((model, padded), (compiled, packed)):
+        model.zero_grad(set_to_none=True)
+        stats = response_stats(m, batch)
+        (stats.logps.sum() + stats.entropy_sums.sum()).backward()
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.entropy_sums, want.entropy_sums, rtol=1e-9, atol=1e-9)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_gradient_checkpointing_keeps_the_dense_mask(monkeypatch):
+    """The backward recomputes each layer after response_stats has switched the implementation back: no segments."""
+    from rcpo_losses import model_stats
+    from tests.test_prefix_shared import stats_and_grads
+    from tests.test_prefix_shared_zoo import zoo_model
+
+    rows = random_rows()
+    padded = RankedPreferenceCollator(IntTokenizer(), k=3)(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), k=3, layout="prefix_shared")(rows)
+    model = zoo_model("mistral", torch.float32)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert model_stats.segment_attention_implementation(model) is None
+    want, want_grads = stats_and_grads(model, padded, True)
+    got, got_grads = stats_and_grads(model, packed, True)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
