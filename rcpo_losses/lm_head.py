@@ -211,20 +211,27 @@ def _read_spec(inner: nn.Module) -> LMHeadSpec:
     )
 
 
-def _transform_free(field: str) -> bool:
-    return field.endswith(("_token_id", "_token_ids")) or field.startswith("_attn_implementation")
+def config_key(config, *, attention: bool = False) -> str:
+    """The repr of a config's fields, the key of a first-seen check (a config changed in place is a new key).
+
+    Left out: special token ids (Trainer rewrites them at the first step to match the tokenizer)
+    and, unless ``attention``, the attention implementation (``set_attn_implementation``), which
+    changes no logit transform. (A repr takes about 30 us for a Llama config; ``to_json_string`` 200 us.)
+    """
+    if not hasattr(config, "__dict__"):
+        return repr(config)
+
+    def kept(field: str) -> bool:
+        return not field.endswith(("_token_id", "_token_ids")) and (
+            attention or not field.startswith("_attn_implementation")
+        )
+
+    return repr(sorted((k, v) for k, v in vars(config).items() if kept(k)))
 
 
 def _fingerprint(inner: nn.Module) -> tuple:
     """``(model class, head class, the head's adapter state, the config's fields)``: the key of a model checked."""
-    config = getattr(inner, "config", None)
-    # repr of the fields (about 30 us for a Llama config; to_json_string takes 200 us): a config
-    # changed in place is a new key. Left out: special token ids (Trainer rewrites them at the first step to match
-    # the tokenizer) and the attention implementation (set_attn_implementation), which change no logit transform.
-    if hasattr(config, "__dict__"):
-        fields = repr(sorted((k, v) for k, v in vars(config).items() if not _transform_free(k)))
-    else:
-        fields = repr(config)
+    fields = config_key(getattr(inner, "config", None))
     head = inner.get_output_embeddings()
     return type(inner), type(head), _adapter_state(head), fields
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .fused_linear import fused_linear_token_stats
-from .lm_head import check_tolerance, eval_mode, final_hidden_states, lm_head_spec, unwrap_model
+from .lm_head import check_tolerance, config_key, eval_mode, final_hidden_states, lm_head_spec, unwrap_model
 from .ops.backend import segment_attention
 from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared, pack_prefix_shared
 from .ranks import IGNORE
@@ -241,9 +241,7 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
 
 def _fingerprint(inner: nn.Module) -> tuple:
     """``(model class, config fields)``, the attention implementation among them: the key of a model checked."""
-    # special token ids left out: Trainer rewrites them at the first step to match the tokenizer
-    fields = vars(inner.config).items()
-    return type(inner), repr(sorted((k, v) for k, v in fields if not k.endswith(("_token_id", "_token_ids"))))
+    return type(inner), config_key(inner.config, attention=True)
 
 
 def _probe_rows(config, vocab: int) -> tuple[list, list]:
