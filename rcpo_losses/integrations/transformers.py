@@ -265,7 +265,7 @@ class RCPOTrainer(Trainer):
                 logger.warning("RCPOTrainer: %s; falling back to layout='padded'", reason)
                 self.data_collator.layout = "padded"
                 return
-        switched = [(m, mask_attention_implementation(m)) for m in models if mask_attention_implementation(m)]
+        switched = [(m, impl) for m in models if (impl := mask_attention_implementation(m))]
         if switched:
             m, switch = switched[0]
             own = self.accelerator.unwrap_model(m).config._attn_implementation
