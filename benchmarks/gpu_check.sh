@@ -7,7 +7,7 @@
 #
 # Install steps (pip with --no-index; PYTHON picks the interpreter, default python3):
 #   - install: the project, `pip install --no-index --no-deps --no-build-isolation -e .` (with this Python's
-#     own setuptools; `rcpo_losses.kernels` exists only once installed: it is mapped from kernels/);
+#     own setuptools; `rcpo_losses.kernels` exists only once installed: it is mapped from kernels/rcpo_kernels/);
 #   - peers, with --wheels DIR only: the `bench` extra (trl, liger-kernel, cut-cross-entropy: the peer rows,
 #     benchmarks/peers.py) and what they need, from the wheels benchmarks/gpu_wheels.sh downloaded on a
 #     connected machine: `pip install --no-index --find-links DIR -e ".[bench]"`; if pip cannot resolve that

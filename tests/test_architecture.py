@@ -1,6 +1,6 @@
 """The layering rules, read from the source with ``ast`` (nothing is imported).
 
-- no import cycle among the modules of ``rcpo_losses/`` and ``kernels/`` (imports inside
+- no import cycle among the modules of ``rcpo_losses/`` and ``kernels/rcpo_kernels/`` (imports inside
   functions count);
 - no module imports another module's private (``_name``) definitions, nor a private module;
 - the integration layer (``precompute``, ``generate``, ``demo``, ``integrations.*``) is imported by no
@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "rcpo_losses"
+KERNELS = ROOT / "kernels" / "rcpo_kernels"  # shipped as rcpo_losses.kernels (pyproject.toml's package-dir)
 INTEGRATION = ("precompute", "generate", "demo", "integrations")  # modules (or packages) above the core
 ALLOWED_AT_LOAD = {"torch", "numpy", "triton", PACKAGE}  # besides the standard library
 
@@ -146,7 +147,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def kernel_files(kernels: Path) -> list[Path]:
-    """Files of ``kernels/`` that define a Triton kernel (a ``@triton.jit`` function named ``*_kernel``)."""
+    """Files of ``kernels/rcpo_kernels/`` that define a Triton kernel (a ``@triton.jit`` function named ``*_kernel``)."""
     out = []
     for path in sorted(kernels.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -178,7 +179,7 @@ def test_the_checker_finds_cycles_and_private_imports(tmp_path):
 
 
 def test_no_import_cycles_and_no_private_imports():
-    modules = package_modules({PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.kernels": ROOT / "kernels"})
+    modules = package_modules({PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.kernels": KERNELS})
     assert f"{PACKAGE}.ops.backend" in modules and f"{PACKAGE}.kernels.mnl" in modules
     edges, private = import_graph(modules)
     assert f"{PACKAGE}.kernels.mnl" in edges[f"{PACKAGE}.ops.choice"]  # the lazy kernel import is seen
@@ -187,7 +188,7 @@ def test_no_import_cycles_and_no_private_imports():
 
 
 def test_the_core_imports_no_integration_module_and_no_other_library():
-    modules = package_modules({PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.kernels": ROOT / "kernels"})
+    modules = package_modules({PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.kernels": KERNELS})
     assert f"{PACKAGE}.generate" in modules and f"{PACKAGE}.precompute" in modules
     edges, _ = import_graph(modules)
     assert layer_violations(edges) == []
@@ -195,12 +196,12 @@ def test_the_core_imports_no_integration_module_and_no_other_library():
 
 
 def test_each_kernel_file_has_a_pytorch_twin_and_they_name_each_other():
-    kernels = kernel_files(ROOT / "kernels")
+    kernels = kernel_files(KERNELS)
     assert {p.stem for p in kernels} == {"mnl", "mallows", "token_stats"}
     for path in kernels:
         twin = ROOT / PACKAGE / "reference" / path.name
         assert twin.is_file(), f"{path.name}: no PyTorch twin at {twin.relative_to(ROOT)}"
         kernel_doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         twin_doc = ast.get_docstring(ast.parse(twin.read_text())) or ""
-        assert f"{PACKAGE}.reference.{path.stem}" in kernel_doc, f"kernels/{path.name} does not name its twin"
+        assert f"{PACKAGE}.reference.{path.stem}" in kernel_doc, f"{path.relative_to(ROOT)} does not name its twin"
         assert f"{PACKAGE}.kernels.{path.stem}" in twin_doc, f"reference/{path.name} does not name its kernel"
