@@ -147,7 +147,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def kernel_files(kernels: Path) -> list[Path]:
-    """Files of ``kernels/rcpo_kernels/`` that define a Triton kernel (a ``@triton.jit`` function named ``*_kernel``)."""
+    """Files of the kernel folder that define a Triton kernel (a ``@triton.jit`` function named ``*_kernel``)."""
     out = []
     for path in sorted(kernels.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -250,3 +250,14 @@ def test_every_documented_signature_is_real():
             problems += [f"{path.name}: {p}" for p in _signature_problems(name, arguments, signature_style)]
     assert seen > 50
     assert not problems, "\n".join(problems)
+
+
+def test_ci_runs_the_readme_install_and_test_commands_verbatim():
+    """CI is what a new user does: the README's indented ``pip install`` line and its test command."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = [line.strip() for line in readme if line.startswith("    pip install ")]
+    test = [line.strip() for line in readme if line.startswith("    python -m pytest")]
+    assert len(install) == 1 and len(test) == 1, (install, test)
+    assert install[0] in ci, install[0]
+    assert f"\n{test[0]}\n" in ci, test[0]

@@ -6,7 +6,7 @@ Data flows one way: a public function (``rcpo_losses.mnl``, ``.mallows``, ``.tok
 (registered as a ``torch.library`` custom op) or its PyTorch twin in
 :mod:`rcpo_losses.reference`.
 
-- :mod:`~rcpo_losses.ops.choice`: MNL and Mallows-RMJ per-row losses (``kernels/rcpo_kernels/mnl.py``, ``kernels/rcpo_kernels/mallows.py``);
-- :mod:`~rcpo_losses.ops.token_stats`: per-token log-prob and entropy (``kernels/rcpo_kernels/token_stats.py``);
+- :mod:`~rcpo_losses.ops.choice`: MNL and Mallows-RMJ per-row losses (``rcpo_losses.kernels.mnl``, ``.mallows``);
+- :mod:`~rcpo_losses.ops.token_stats`: per-token log-prob and entropy (``rcpo_losses.kernels.token_stats``);
 - :mod:`~rcpo_losses.ops.fused_linear`: the same from hidden states and the LM head, chunk by chunk.
 """
