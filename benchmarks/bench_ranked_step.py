@@ -16,7 +16,7 @@ A step: policy forward and backward, reference forward under ``no_grad``, the lo
   the LM head only on the rows that predict a completion token;
 - ``prefix_shared``: one packed sequence, each prompt once, no padding, through
   :func:`rcpo_losses.response_stats` (CPU: the segment attention, ``sdpa`` per prompt and per
-  completion with its prompt, :mod:`rcpo_losses.segment_attention`; CUDA: ``flex_attention``
+  completion with its prompt, :mod:`rcpo_losses.training.segment_attention`; CUDA: ``flex_attention``
   with a ``BlockMask``);
 - ``prefix_shared_dense`` (CPU only): the same, with ``sdpa`` and the dense ``[1, 1, P, P]`` mask
   (``rcpo_losses.ops.backend.CPU_SEGMENT_ATTENTION = False``).
@@ -61,7 +61,7 @@ from rcpo_losses import (
     response_stats,
 )
 from rcpo_losses.ops import backend
-from rcpo_losses.packing import pack_prefix_shared
+from rcpo_losses.training.packing import pack_prefix_shared
 
 V, H, LAYERS, FFN, HEADS = 32000, 512, 4, 1376, 8
 S = 5
@@ -89,7 +89,7 @@ def make_rows(num_prompts: int = NUM_PROMPTS, seed: int = 0):
 
 
 def padded_batch(prompts, completions, ranks) -> dict:
-    """The ``[B, S, L]`` layout of :class:`rcpo_losses.data.RankedPreferenceCollator` (``layout="padded"``)."""
+    """The ``[B, S, L]`` layout of :class:`rcpo_losses.training.data.RankedPreferenceCollator` (``layout="padded"``)."""
     B, n = len(prompts), len(completions[0])
     L = max(len(p) + len(c) for p, cs in zip(prompts, completions, strict=True) for c in cs)
     input_ids = torch.zeros(B, n, L, dtype=torch.int64)
@@ -342,11 +342,11 @@ def flop_limit() -> str:
     Linear layers ``2 x params`` per token, attention ``4 x H`` per (query, key) pair and layer (``QK^T``
     and ``PV``), both 4x (policy forward, its backward 2x, reference forward); the LM head
     ``2 x V x H`` per target row, 5x (the fused backward recomputes the logits). Pairs: prefix-shared
-    the mask's nonzeros (:func:`rcpo_losses.packing.attended_pairs`); padded causal ``L (L + 1) / 2``
+    the mask's nonzeros (:func:`rcpo_losses.training.packing.attended_pairs`); padded causal ``L (L + 1) / 2``
     per sequence of the padded length ``L`` (the least), or ``L^2`` (what ``sdpa`` computes with a
     padding mask, no causal skip).
     """
-    from rcpo_losses.packing import attended_pairs
+    from rcpo_losses.training.packing import attended_pairs
 
     packed, padded = make_batch("ranked", "prefix_shared"), make_batch("ranked", "padded")
     B, n, L = padded["input_ids"].shape
@@ -366,7 +366,7 @@ def attention_cost(rounds: int = 3) -> None:
     import statistics
     import time
 
-    from rcpo_losses.packing import attended_pairs, dense_attention_mask
+    from rcpo_losses.training.packing import attended_pairs, dense_attention_mask
 
     packed, padded = make_batch("ranked", "prefix_shared"), make_batch("ranked", "padded")
     P = packed["input_ids"].shape[-1]

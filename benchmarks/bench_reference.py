@@ -37,7 +37,7 @@ def measure(route: str, steps: int, hidden: int, vocab: int, start, peak) -> dic
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
-    from rcpo_losses.integrations.transformers import RCPOTrainer
+    from rcpo_losses.training.trainer import RCPOTrainer
 
     torch.set_num_threads(2)
     words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab - 3)]

@@ -12,7 +12,7 @@ Rows:
   did with ``flash_attention_2`` before it switched it); skipped when transformers cannot
   load that kernel (``flash_attn`` not installed);
 - ``prefix_shared-switched``: ``RCPOTrainer``'s prefix-shared step, the models switched
-  around it to :func:`rcpo_losses.model_stats.mask_attention_implementation`
+  around it to :func:`rcpo_losses.training.model_stats.mask_attention_implementation`
   (``flex_attention`` with a ``BlockMask`` on CUDA, ``sdpa`` on the CPU), the switch and
   its restore timed in the step.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ranked_step as ranked  # noqa: E402
 from common import DEVICE, sync  # noqa: E402
 
-from rcpo_losses.model_stats import attention_implementation, mask_attention_implementation  # noqa: E402
+from rcpo_losses.training.model_stats import attention_implementation, mask_attention_implementation  # noqa: E402
 
 USER_ATTN = os.environ.get("RCPO_BENCH_USER_ATTN", "flash_attention_2")
 ROWS = ("padded-user_kernel", "prefix_shared-switched")

@@ -7,10 +7,10 @@ The step is ``bench_ranked_step.py``'s (policy forward and backward, reference f
 Mallows-RMJ top-k loss) on its prefix-shared batch and its model sizes (4 layers, hidden 512,
 vocab 32000; bf16, ``RCPO_BENCH_DTYPE=fp32`` for fp32), with a ``LlamaConfig`` or a
 ``MistralConfig(sliding_window=W)``. The first step runs the probe of
-:func:`rcpo_losses.model_stats.prefix_shared_problem` (one forward of each layout on about
+:func:`rcpo_losses.training.model_stats.prefix_shared_problem` (one forward of each layout on about
 ``W + 30`` tokens, once for policy and reference: same class and config); later steps run
 none. After a warm-up step with the check off (the one-off costs of a first call are not the
-check's), columns: the step with the check off (``rcpo_losses.model_stats.VERIFY = False``,
+check's), columns: the step with the check off (``rcpo_losses.training.model_stats.VERIFY = False``,
 mean of 2), the probe alone, the first step with the check on (probe included), the mean of
 2 later steps; peak memory above the models and the batch of the first checked step and of
 the next one (CPU: resident set in a fresh subprocess,
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ranked_step as ranked  # noqa: E402
 from common import DEVICE, sync  # noqa: E402
 
-import rcpo_losses.model_stats as model_stats  # noqa: E402
+import rcpo_losses.training.model_stats as model_stats  # noqa: E402
 
 
 def models(window: int | None):

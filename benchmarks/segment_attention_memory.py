@@ -8,9 +8,9 @@ Run from the repository root:
 The packed batch: ``bench_ranked_step.make_rows`` prompts (uniform ``[140, 200]`` tokens, 5
 completions of ``[200, 600]``), as many as reach ``--tokens`` packed positions ``P``. One layer
 of ``bench_ranked_step``'s model (8 heads of 64, bf16): ``q, k, v`` of ``(1, 8, P, 64)``, the
-mask built from the batch (``dense``: :func:`rcpo_losses.packing.dense_attention_mask`, bool
-``(1, 1, P, P)``, into ``sdpa``; ``segments``: :func:`rcpo_losses.segment_attention.segments`
-into :func:`~rcpo_losses.segment_attention.segment_attention_forward`), forward and backward.
+mask built from the batch (``dense``: :func:`rcpo_losses.training.packing.dense_attention_mask`, bool
+``(1, 1, P, P)``, into ``sdpa``; ``segments``: :func:`rcpo_losses.training.segment_attention.segments`
+into :func:`~rcpo_losses.training.segment_attention.segment_attention_forward`), forward and backward.
 Each path runs in a fresh subprocess (``tests/peak_memory.py``, ``MALLOC_MMAP_THRESHOLD_=65536``,
 so the resident set tracks live tensors); its peak is above ``q, k, v`` and the batch, and
 counts the mask's construction. Time: the second of two calls in that process.
@@ -39,7 +39,7 @@ print(json.dumps(bench.measure(sys.argv[2], int(sys.argv[3]), start, peak)))
 def packed_batch(tokens: int) -> dict:
     from bench_ranked_step import S, make_rows
 
-    from rcpo_losses.packing import pack_prefix_shared
+    from rcpo_losses.training.packing import pack_prefix_shared
 
     n = 1
     while True:
@@ -56,8 +56,8 @@ def measure(path: str, tokens: int, start, peak) -> dict:
 
     import torch
 
-    from rcpo_losses.packing import dense_attention_mask
-    from rcpo_losses.segment_attention import KWARG, segment_attention_forward, segments
+    from rcpo_losses.training.packing import dense_attention_mask
+    from rcpo_losses.training.segment_attention import KWARG, segment_attention_forward, segments
 
     batch = packed_batch(tokens)
     P = batch["input_ids"].shape[-1]
@@ -89,7 +89,7 @@ def main() -> None:
     import peak_memory
     import torch
 
-    from rcpo_losses.packing import attended_pairs
+    from rcpo_losses.training.packing import attended_pairs
 
     print(f"{torch.get_num_threads()} threads")
     print("| P | prompts | P^2 | mask nonzeros | attention | peak above q, k, v | forward + backward |")

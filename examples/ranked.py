@@ -21,7 +21,7 @@ from rcpo_losses import (
     ranking_metrics,
     ranks_from_scores,
 )
-from rcpo_losses.tokens import response_token_stats
+from rcpo_losses.tokens.stats import response_token_stats
 
 IGNORE_INDEX = -100
 

@@ -9,11 +9,11 @@ compound score. Steps:
 
 1. Prompts: requests for one-sentence reviews of films, books, restaurants, products, ...,
    written from seeded templates (`make_prompts`); a disjoint held-out split for evaluation.
-2. One ranked dataset: `rcpo_losses.generate.rank_completions` samples S = 5 completions of each
+2. One ranked dataset: `rcpo_losses.training.generate.rank_completions` samples S = 5 completions of each
    training prompt from the base model (temperature 1, no top-k or top-p) and scores them with
    VADER. Ties (VADER gives exactly 0 to text without sentiment words) are broken by sample
    order, which is random since the samples are i.i.d.; a row whose scores are all equal is
-   dropped. The reference statistics are computed once (`rcpo_losses.precompute`) and shared.
+   dropped. The reference statistics are computed once (`rcpo_losses.training.precompute`) and shared.
 3. Every objective (`OBJECTIVES`) trains from the base with `RCPOTrainer` on that dataset, with
    the same steps, batch, optimizer (AdamW, constant lr, fp32 master weights) and beta grid,
    for each seed (the seed sets the data order and the evaluation samples).
@@ -54,10 +54,10 @@ from smollm import load_smollm2
 from transformers import TrainerCallback, TrainingArguments
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rcpo_losses.data import RankedPreferenceCollator
-from rcpo_losses.generate import rank_completions
-from rcpo_losses.integrations.transformers import RCPOTrainer
-from rcpo_losses.precompute import precompute_reference_stats
+from rcpo_losses.training.data import RankedPreferenceCollator
+from rcpo_losses.training.generate import rank_completions
+from rcpo_losses.training.precompute import precompute_reference_stats
+from rcpo_losses.training.trainer import RCPOTrainer
 
 # name: (RCPOTrainer loss, k). mnl_pairwise on the best and the worst of 5 is DPO on that pair;
 # dpo_all_pairs is DPO on the 10 pairs the full ranking implies; k=None with 5 samples is the

@@ -5,7 +5,7 @@ python examples/train_rcpo.py --data examples/data/ranked.jsonl --loss mnl_topk 
 
 Each line of the JSONL is a row: {"prompt", "completions", "scores"} or {"prompt",
 "completions", "ranking"}; prompts and completions are text or chat messages (see
-rcpo_losses.data). The model is a tiny randomly initialised Llama and the tokenizer a
+rcpo_losses.training.data). The model is a tiny randomly initialised Llama and the tokenizer a
 word-level one built from the data in-process (no download): swap in
 `AutoModelForCausalLM.from_pretrained(...)` and `AutoTokenizer.from_pretrained(...)` for a
 real run; the rest stays.
@@ -20,7 +20,7 @@ from ranked import tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
-from rcpo_losses.integrations.transformers import LOSSES, RCPOTrainer
+from rcpo_losses.training.trainer import LOSSES, RCPOTrainer
 
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>", "<system>", "<end>"]
 CHAT_TEMPLATE = (

@@ -5,8 +5,6 @@ reductions over prompts. See docs/index.md.
 """
 
 from .dispersion import entropy_dispersion
-from .fused_linear import fused_linear_response_stats, fused_linear_token_stats
-from .lm_head import LMHeadSpec, check_lm_head_spec, final_hidden_states, lm_head_spec
 from .mallows import (
     mallows_rmj_discrete,
     mallows_rmj_log_likelihood,
@@ -16,17 +14,19 @@ from .mallows import (
 )
 from .metrics import ranking_metrics
 from .mnl import mnl_discrete, mnl_log_likelihood, mnl_pairwise, mnl_topk, mnl_topk_from_rewards
-from .model_stats import response_stats
-from .precompute import precompute_reference_stats
 from .ranks import IGNORE, UNRANKED, all_pairs, ranks_from_order, ranks_from_scores, top_bottom_pair
 from .rewards import implicit_rewards
-from .tokens import (
+from .tokens.fused_linear import fused_linear_response_stats, fused_linear_token_stats
+from .tokens.lm_head import LMHeadSpec, check_lm_head_spec, final_hidden_states, lm_head_spec
+from .tokens.stats import (
     ResponseTokenStats,
     entropy_dispersion_from_logits,
     response_token_stats,
     sequence_logps,
     token_logps_and_entropy,
 )
+from .training.model_stats import response_stats
+from .training.precompute import precompute_reference_stats
 
 __version__ = "0.1.0"
 

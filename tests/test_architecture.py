@@ -3,10 +3,13 @@
 - no import cycle among the modules of ``rcpo_losses/`` and ``kernels/rcpo_kernels/`` (imports inside
   functions count);
 - no module imports another module's private (``_name``) definitions, nor a private module;
-- the integration layer (``precompute``, ``generate``, ``demo``, ``integrations.*``) is imported by no
-  core module (the package ``__init__`` re-exports ``precompute_reference_stats``); the core imports
-  only the standard library, torch, numpy and triton when loaded, and only ``integrations/`` may import
-  another library (transformers) when loaded: ``generate`` and the rest import theirs inside functions;
+- three layers, each importing only itself and the layers below it: the choice losses (the modules at
+  the top of ``rcpo_losses/``, with ``ops/``, ``reference/`` and the kernels), then ``tokens/``, then
+  ``training/``. Façades stand outside the order: the package ``__init__`` (it re-exports
+  ``response_stats`` and ``precompute_reference_stats``), the old dotted paths kept for one release
+  (``generate``, ``data``, ``precompute``, ``integrations.*``) and the ``demo``;
+- modules import only the standard library, torch, numpy and triton when loaded, except the trainer
+  (a ``transformers.Trainer``): the rest import transformers, peft and the like inside functions;
 - every kernel file (one that defines a ``@triton.jit`` function ``*_kernel``) has a PyTorch twin
   ``rcpo_losses/reference/<same name>.py``, and each names the other in its docstring.
 
@@ -22,7 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "rcpo_losses"
 KERNELS = ROOT / "kernels" / "rcpo_kernels"  # shipped as rcpo_losses.kernels (pyproject.toml's package-dir)
-INTEGRATION = ("precompute", "generate", "demo", "integrations")  # modules (or packages) above the core
+LAYERS = {"tokens": 1, "training": 2}  # subpackage -> layer; every other module is layer 0 (the choice losses)
+FACADES = ("generate", "data", "precompute", "integrations", "demo")  # beside the order (and the package __init__)
+LOADS_A_LIBRARY = (f"{PACKAGE}.training.trainer",)  # modules that may import transformers when loaded
 ALLOWED_AT_LOAD = {"torch", "numpy", "triton", PACKAGE}  # besides the standard library
 
 
@@ -76,15 +81,23 @@ def import_graph(modules: dict[str, Path]) -> tuple[dict[str, set[str]], list[st
     return edges, private
 
 
-def is_integration(module: str) -> bool:
+def layer(module: str) -> int | None:
+    """The layer of a module: 0 the choice losses, 1 ``tokens``, 2 ``training``; None for a façade."""
     parts = module.split(".")
-    return len(parts) > 1 and parts[1] in INTEGRATION
+    if len(parts) == 1 or parts[1] in FACADES:
+        return None
+    return LAYERS.get(parts[1], 0)
 
 
 def layer_violations(edges: dict[str, set[str]]) -> list[str]:
-    """Core modules that import an integration-layer module (the package ``__init__`` aside), as messages."""
-    return [f"{m} (core) imports {t} (integration layer)" for m, targets in sorted(edges.items())
-            if m != PACKAGE and not is_integration(m) for t in sorted(targets) if is_integration(t)]  # fmt: skip
+    """Imports from a lower layer to a higher one, as messages."""
+    names = {0: "choice losses", 1: "tokens", 2: "training"}
+    found = []
+    for m, targets in sorted(edges.items()):
+        for t in sorted(targets):
+            if layer(m) is not None and layer(t) is not None and layer(t) > layer(m):
+                found.append(f"{m} ({names[layer(m)]}) imports {t} ({names[layer(t)]})")
+    return found
 
 
 def load_time_imports(path: Path) -> set[str]:
@@ -103,10 +116,10 @@ def load_time_imports(path: Path) -> set[str]:
 
 
 def foreign_imports(modules: dict[str, Path]) -> list[str]:
-    """Modules outside ``integrations/`` that import a library other than torch, numpy and triton when loaded."""
+    """Modules (the trainer aside) that import a library other than torch, numpy and triton when loaded."""
     bad = []
     for module, path in modules.items():
-        if module.split(".")[1:2] == ["integrations"]:
+        if module in LOADS_A_LIBRARY:
             continue
         extra = load_time_imports(path) - ALLOWED_AT_LOAD - set(sys.stdlib_module_names)
         if extra:
@@ -158,7 +171,7 @@ def kernel_files(kernels: Path) -> list[Path]:
     return out
 
 
-def test_the_checker_finds_cycles_and_private_imports(tmp_path):
+def test_the_checker_finds_cycles_private_imports_and_upward_imports(tmp_path):
     pkg = tmp_path / PACKAGE
     (pkg / "ops").mkdir(parents=True)
     (pkg / "__init__.py").write_text("from .a import f\n")
@@ -167,13 +180,21 @@ def test_the_checker_finds_cycles_and_private_imports(tmp_path):
     (pkg / "ops" / "b.py").write_text("def g():\n    from ..a import _helper\n    return _helper\n")
     (pkg / "c.py").write_text("from . import _private_module\n")
     (pkg / "_private_module.py").write_text("")
-    (pkg / "generate.py").write_text("import json\n\nimport tqdm\n\ndef f():\n    import transformers\n")
-    (pkg / "d.py").write_text("from .generate import f\n\ndef g():\n    import transformers\n")
+    for sub in ("tokens", "training"):
+        (pkg / sub).mkdir()
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "training" / "generate.py").write_text("import json\n\nimport tqdm\n\ndef f():\n    import transformers\n")
+    (pkg / "tokens" / "stats.py").write_text("def g():\n    from ..training.generate import f\n    from .. import a\n")
+    (pkg / "d.py").write_text("from .tokens import stats\n\ndef g():\n    import transformers\n")
+    (pkg / "generate.py").write_text("from .training.generate import f\n")  # an old path: a façade
     modules = package_modules({PACKAGE: pkg})
     edges, private = import_graph(modules)
     assert cycles(edges) == [[f"{PACKAGE}.a", f"{PACKAGE}.ops.b"]]
-    assert layer_violations(edges) == [f"{PACKAGE}.d (core) imports {PACKAGE}.generate (integration layer)"]
-    assert foreign_imports(modules) == [f"{PACKAGE}.generate imports ['tqdm'] when loaded"]
+    assert layer_violations(edges) == [
+        f"{PACKAGE}.d (choice losses) imports {PACKAGE}.tokens.stats (tokens)",
+        f"{PACKAGE}.tokens.stats (tokens) imports {PACKAGE}.training.generate (training)",
+    ]
+    assert foreign_imports(modules) == [f"{PACKAGE}.training.generate imports ['tqdm'] when loaded"]
     assert any("ops.b imports rcpo_losses.a._helper" in p for p in private), private
     assert any("c imports rcpo_losses._private_module" in p for p in private), private
 
@@ -187,9 +208,10 @@ def test_no_import_cycles_and_no_private_imports():
     assert private == []
 
 
-def test_the_core_imports_no_integration_module_and_no_other_library():
+def test_each_layer_imports_only_itself_and_the_layers_below_and_no_other_library():
     modules = package_modules({PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.kernels": KERNELS})
-    assert f"{PACKAGE}.generate" in modules and f"{PACKAGE}.precompute" in modules
+    assert f"{PACKAGE}.training.generate" in modules and f"{PACKAGE}.tokens.stats" in modules
+    assert {layer(m) for m in modules} == {None, 0, 1, 2}
     edges, _ = import_graph(modules)
     assert layer_violations(edges) == []
     assert foreign_imports(modules) == []

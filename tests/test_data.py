@@ -1,4 +1,4 @@
-"""rcpo_losses.data: rows of ranked completions -> [B, S, L] tensors and [B, S] ranks."""
+"""rcpo_losses.training.data: rows of ranked completions -> [B, S, L] tensors and [B, S] ranks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rcpo_losses import IGNORE, UNRANKED
-from rcpo_losses.data import RankedPreferenceCollator, row_ranks
 from rcpo_losses.ranks import valid_rows
+from rcpo_losses.training.data import RankedPreferenceCollator, row_ranks
 
 CHAT = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"

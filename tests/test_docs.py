@@ -88,7 +88,7 @@ def _resolves(dotted: str) -> bool:
 
 def test_every_dotted_name_in_the_docs_resolves():
     """``rcpo_losses.x.y`` in README.md, docs/ and the docstrings of examples/ names something that exists."""
-    pytest.importorskip("transformers")  # rcpo_losses.integrations.transformers
+    pytest.importorskip("transformers")  # rcpo_losses.training.trainer
     texts = [p.read_text() for p in FILES] + [p.read_text() for p in sorted((ROOT / "examples").glob("*.py"))]
     names = {m.rstrip(".") for t in texts for m in re.findall(r"\brcpo_losses(?:\.\w+)+", t)}
     names = {n for n in names if not n.startswith("rcpo_losses.kernels")}  # import triton; checked by the GPU tests

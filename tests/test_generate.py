@@ -1,4 +1,4 @@
-"""rcpo_losses.generate: sample, score, rank (tiny in-process models; the real model: tests/test_real_model.py)."""
+"""rcpo_losses.training.generate: sample, score, rank (tiny in-process models; the real model: test_real_model.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("tqdm")
 
-from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
-from rcpo_losses.generate import RewardModel, batch_seed, main, rank_completions  # noqa: E402
+from rcpo_losses.training.data import RankedPreferenceCollator  # noqa: E402
+from rcpo_losses.training.generate import RewardModel, batch_seed, main, rank_completions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = (
@@ -341,7 +341,7 @@ def test_a_killed_process_resumes_with_nothing_lost_or_duplicated(model, tokeniz
             "--batch-size", "2", "--seed", "3", "--dtype", "float32", "--device", "cpu"]  # fmt: skip
     want = main([*args, "--reward", "tests.test_generate:length_reward", "--out", str(tmp_path / "full.jsonl")])
     out = tmp_path / "ranked.jsonl"
-    cmd = [sys.executable, "-m", "rcpo_losses.generate", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "rcpo_losses.training.generate", *args, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([*cmd, "--reward", "tests.test_generate:slow_length_reward"], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -245,7 +245,7 @@ def test_a_head_transform_the_spec_cannot_know_raises_naming_the_model():
 
 
 def test_the_module_switch_turns_the_check_off(monkeypatch):
-    import rcpo_losses.lm_head as lm_head
+    import rcpo_losses.tokens.lm_head as lm_head
 
     monkeypatch.setattr(lm_head, "VERIFY", False)
     assert lm_head_spec(_custom_head_model()).logit_scale == 1.0
@@ -255,7 +255,7 @@ def test_the_module_switch_turns_the_check_off(monkeypatch):
 
 
 def test_the_check_runs_once_per_class_and_config_and_leaves_the_model_as_it_was(monkeypatch):
-    import rcpo_losses.lm_head as lm_head
+    import rcpo_losses.tokens.lm_head as lm_head
 
     monkeypatch.setattr(lm_head, "_VERIFIED", set())
     model = _Counting(_model("gemma2"))
@@ -290,7 +290,7 @@ def test_the_check_runs_once_per_class_and_config_and_leaves_the_model_as_it_was
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_check_runs_under_the_autocast_of_the_forward(monkeypatch, device, dtype):
     """As accelerate wraps the forward (Trainer's bf16 / fp16): autocast inside, fp32 outputs, none outside."""
-    import rcpo_losses.lm_head as lm_head
+    import rcpo_losses.tokens.lm_head as lm_head
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")

@@ -17,16 +17,16 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-import rcpo_losses.model_stats as model_stats  # noqa: E402
+import rcpo_losses.training.model_stats as model_stats  # noqa: E402
 from rcpo_losses import IGNORE, response_stats  # noqa: E402
-from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
-from rcpo_losses.model_stats import (  # noqa: E402
+from rcpo_losses.training.data import RankedPreferenceCollator  # noqa: E402
+from rcpo_losses.training.model_stats import (  # noqa: E402
     attention_implementation,
     check_prefix_shared,
     mask_attention_implementation,
     prefix_shared_attention_mask,
 )
-from rcpo_losses.packing import (  # noqa: E402
+from rcpo_losses.training.packing import (  # noqa: E402
     attended_pairs,
     dense_attention_mask,
     flex_block_mask,
@@ -247,12 +247,12 @@ def test_refused_attention_implementation():
 
 
 def test_trainer_switches_a_kernel_without_masks_with_one_logged_line(tmp_path, caplog):
-    from rcpo_losses.integrations.transformers import RCPOTrainer
+    from rcpo_losses.training.trainer import RCPOTrainer
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     model = tiny_model("llama")
     model.config._attn_implementation = "flash_attention_2"
-    with caplog.at_level(logging.INFO, logger="rcpo_losses.integrations.transformers"):
+    with caplog.at_level(logging.INFO, logger="rcpo_losses.training.trainer"):
         trainer = RCPOTrainer(model, args=args, processing_class=IntTokenizer(), ref_model=tiny_model("llama"))
     assert trainer.data_collator.layout == "prefix_shared" and trainer.switch_attention
     lines = [r.getMessage() for r in caplog.records]
@@ -264,7 +264,7 @@ def test_trainer_switches_a_kernel_without_masks_with_one_logged_line(tmp_path, 
     caplog.clear()
     model = tiny_model("llama")
     model.config._attn_implementation = "flash_attention_2"
-    with caplog.at_level(logging.INFO, logger="rcpo_losses.integrations.transformers"):
+    with caplog.at_level(logging.INFO, logger="rcpo_losses.training.trainer"):
         padded = RCPOTrainer(model, args=args, processing_class=IntTokenizer(), layout="padded")
     assert padded.data_collator.layout == "padded" and not padded.switch_attention and not caplog.records
     with padded.step_context():

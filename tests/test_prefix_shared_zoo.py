@@ -16,12 +16,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import rcpo_losses.model_stats as model_stats  # noqa: E402
 import rcpo_losses.ops.backend as backend  # noqa: E402
+import rcpo_losses.training.model_stats as model_stats  # noqa: E402
 from rcpo_losses import IGNORE, response_stats  # noqa: E402
-from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
-from rcpo_losses.model_stats import check_prefix_shared, layer_masks  # noqa: E402
-from rcpo_losses.packing import dense_attention_mask  # noqa: E402
+from rcpo_losses.training.data import RankedPreferenceCollator  # noqa: E402
+from rcpo_losses.training.model_stats import check_prefix_shared, layer_masks  # noqa: E402
+from rcpo_losses.training.packing import dense_attention_mask  # noqa: E402
 from tests.test_prefix_shared import (  # noqa: E402
     WINDOW,
     IntTokenizer,
@@ -203,12 +203,12 @@ def test_a_family_the_mask_gets_wrong_is_caught(monkeypatch, fresh_checks):
 
 
 def test_trainer_falls_back_on_a_failed_check_with_one_line(monkeypatch, fresh_checks, tmp_path, caplog):
-    from rcpo_losses.integrations.transformers import RCPOTrainer
+    from rcpo_losses.training.trainer import RCPOTrainer
 
     index_biased_attention(monkeypatch)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     model = zoo_model("llama", torch.float32, attn="eager")
-    with caplog.at_level(logging.INFO, logger="rcpo_losses.integrations.transformers"):
+    with caplog.at_level(logging.INFO, logger="rcpo_losses.training.trainer"):
         trainer = RCPOTrainer(model, args=args, processing_class=IntTokenizer())
     assert trainer.data_collator.layout == "padded"
     lines = [r.getMessage() for r in caplog.records]
@@ -245,7 +245,7 @@ def test_probe_completions_outrun_every_window_and_chunk():
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "llama-flash_attention_2"])
 def test_trainer_trains_prefix_shared_by_default(family, tmp_path, monkeypatch, fresh_checks):
-    from rcpo_losses.integrations.transformers import RCPOTrainer
+    from rcpo_losses.training.trainer import RCPOTrainer
 
     flash = family.endswith("flash_attention_2")
     model = zoo_model(family.split("-")[0], torch.float32, attn="eager" if family == "gemma3_text" else "sdpa")

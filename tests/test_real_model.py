@@ -27,9 +27,9 @@ from smollm import DEFAULT_CACHE, load_smollm2  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from rcpo_losses import response_stats  # noqa: E402
-from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
-from rcpo_losses.generate import main, rank_completions  # noqa: E402
-from rcpo_losses.integrations.transformers import RCPOTrainer  # noqa: E402
+from rcpo_losses.training.data import RankedPreferenceCollator  # noqa: E402
+from rcpo_losses.training.generate import main, rank_completions  # noqa: E402
+from rcpo_losses.training.trainer import RCPOTrainer  # noqa: E402
 
 PROMPTS = [
     [{"role": "user", "content": "Write a one-sentence review of a film about a lighthouse keeper."}],

@@ -18,8 +18,8 @@ datasets = pytest.importorskip("datasets")
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from rcpo_losses import IGNORE, UNRANKED, entropy_dispersion, lm_head_spec, precompute_reference_stats  # noqa: E402
-from rcpo_losses.data import REF_COLUMNS, RankedPreferenceCollator  # noqa: E402
-from rcpo_losses.integrations.transformers import RCPOTrainer  # noqa: E402
+from rcpo_losses.training.data import REF_COLUMNS, RankedPreferenceCollator  # noqa: E402
+from rcpo_losses.training.trainer import RCPOTrainer  # noqa: E402
 
 from .test_trainer import ROWS, make_trainer, perturbed, tiny_llama, tokenizer  # noqa: E402, F401
 
@@ -365,7 +365,7 @@ def test_stored_statistics_are_not_rounded(tokenizer, tmp_path, dtype):  # noqa:
 @pytest.mark.parametrize("kind", ["LoHa", "IA3"])
 def test_any_adapter_on_the_lm_head_is_refused_by_name(tokenizer, tmp_path, kind):  # noqa: F811
     """Not LoRA only: after the head passed with its adapters off (the precomputed PEFT reference), still refused."""
-    import rcpo_losses.lm_head as lm_head
+    import rcpo_losses.tokens.lm_head as lm_head
 
     peft = pytest.importorskip("peft")
     if kind == "LoHa":

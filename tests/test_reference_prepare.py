@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from ranked import frozen_copy, make_ranked_batch, tiny_llama  # noqa: E402
 
 from rcpo_losses import response_stats  # noqa: E402
-from rcpo_losses.integrations.reference_model import (  # noqa: E402
+from rcpo_losses.training.reference_model import (  # noqa: E402
     deepspeed_reference_config,
     prepare_reference_model,
     release_reference,

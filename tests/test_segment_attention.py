@@ -1,4 +1,4 @@
-"""The segment attention of the prefix-shared layout (rcpo_losses.segment_attention) against the dense mask.
+"""The segment attention of the prefix-shared layout (rcpo_losses.training.segment_attention) against the dense mask.
 
 The segments must cover exactly the pairs of the one rule (packing.prefix_shared_mask_mod), and
 ``sdpa`` over them must give the dense-mask attention's values and gradients (fp64, GQA, windows,
@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcpo_losses.data import RankedPreferenceCollator
-from rcpo_losses.packing import dense_attention_mask, pack_prefix_shared
-from rcpo_losses.segment_attention import KWARG, Segments, segment_attention_forward, segment_bounds, segments
+from rcpo_losses.training.data import RankedPreferenceCollator
+from rcpo_losses.training.packing import dense_attention_mask, pack_prefix_shared
+from rcpo_losses.training.segment_attention import KWARG, Segments, segment_attention_forward, segment_bounds, segments
 from tests.test_prefix_shared import WINDOW, IntTokenizer, fp64_softmax, random_rows  # noqa: F401 (a fixture)
 
 LIMITS = {"full": (None, None), "sliding": (WINDOW, None), "chunked": (None, WINDOW)}
@@ -156,7 +156,7 @@ def test_compiled_model_equals_padded():
 
 def test_gradient_checkpointing_keeps_the_dense_mask(monkeypatch):
     """The backward recomputes each layer after response_stats has switched the implementation back: no segments."""
-    from rcpo_losses import model_stats
+    from rcpo_losses.training import model_stats
     from tests.test_prefix_shared import stats_and_grads
     from tests.test_prefix_shared_zoo import zoo_model
 

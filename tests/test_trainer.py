@@ -35,9 +35,9 @@ from rcpo_losses import (  # noqa: E402
     mnl_pairwise,
     mnl_topk,
 )
-from rcpo_losses.data import RankedPreferenceCollator  # noqa: E402
 from rcpo_losses.demo import kendall_tau as kendall_tau_a  # noqa: E402
-from rcpo_losses.integrations.transformers import LOSSES, RCPOTrainer, kendall_tau, top_bottom_ranks  # noqa: E402
+from rcpo_losses.training.data import RankedPreferenceCollator  # noqa: E402
+from rcpo_losses.training.trainer import LOSSES, RCPOTrainer, kendall_tau, top_bottom_ranks  # noqa: E402
 
 DATA = EXAMPLES / "data" / "ranked.jsonl"
 METRICS = ["rewards/kendall_tau", "rewards/top1_accuracy", "rewards/margins", "dispersion/neg_log_phi"]
@@ -338,7 +338,7 @@ def test_each_evaluation_reports_its_own_rows_under_its_own_prefix(tokenizer, tm
 @pytest.mark.parametrize("fused", [False, True])
 def test_trains_with_bf16_autocast(tokenizer, tmp_path, monkeypatch, layout, fused):
     """bf16=True: accelerate runs the forward under (CPU) autocast; the first-seen head check runs there too."""
-    import rcpo_losses.lm_head as lm_head
+    import rcpo_losses.tokens.lm_head as lm_head
 
     monkeypatch.setattr(lm_head, "_VERIFIED", set())  # the check must run inside the trainer's wrapped forward
     trainer = make_trainer(tokenizer, tmp_path, fused_linear=fused, layout=layout, bf16=True)

@@ -48,7 +48,7 @@ def run(world: int, loss: str, fused: bool, precompute: bool, layout: str, out_d
     from transformers import TrainingArguments
 
     from rcpo_losses import entropy_dispersion
-    from rcpo_losses.integrations.transformers import RCPOTrainer
+    from rcpo_losses.training.trainer import RCPOTrainer
 
     class Recording(RCPOTrainer):
         records: list = []
@@ -81,7 +81,7 @@ def check_fsdp2_shard(rank: int) -> None:
     from ranked import frozen_copy, make_ranked_batch, tiny_llama
 
     from rcpo_losses import response_stats
-    from rcpo_losses.integrations.reference_model import prepare_reference_model, release_reference
+    from rcpo_losses.training.reference_model import prepare_reference_model, release_reference
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]

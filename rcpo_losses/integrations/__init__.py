@@ -1,5 +1,4 @@
-"""Integrations with training frameworks; each submodule imports its framework, this package does not.
+"""Deprecated: ``rcpo_losses.integrations.transformers`` moved to :mod:`rcpo_losses.training.trainer`.
 
-- :mod:`rcpo_losses.integrations.transformers`: ``RCPOTrainer``, a ``transformers.Trainer``
-  subclass (``pip install "rcpo-losses[examples]"``).
+The old path works for one release, with a ``DeprecationWarning``.
 """

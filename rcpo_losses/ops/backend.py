@@ -123,9 +123,10 @@ def cpu_vocab_tiles(x: Tensor, use_triton: bool, cast: bool) -> bool:
     return CPU_VOCAB_TILES is not False
 
 
-# The CPU's prefix-shared attention: sdpa over the packed batch's segments (rcpo_losses.segment_attention), each
-# completion against its prompt and itself, instead of sdpa with the dense [P, P] mask, which computes all P^2
-# pairs. None: on for CPU tensors; True/False: force it on or off (True: on every device).
+# The CPU's prefix-shared attention: sdpa over the packed batch's segments
+# (rcpo_losses.training.segment_attention), each completion against its prompt and itself, instead of sdpa with
+# the dense [P, P] mask, which computes all P^2 pairs. None: on for CPU tensors; True/False: force it on or off
+# (True: on every device).
 CPU_SEGMENT_ATTENTION: bool | None = None
 
 

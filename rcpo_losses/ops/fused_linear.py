@@ -243,7 +243,7 @@ def fused_linear_token_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp, entropy, lse)``, each ``[N]``, of the logits ``hidden @ weight.T + bias`` (``chunk=0``: auto).
 
-    The statistics are of the transformed logits (see :class:`rcpo_losses.tokens.LogitTransform`;
+    The statistics are of the transformed logits (see :class:`rcpo_losses.tokens.stats.LogitTransform`;
     ``softcap=0``: none).
     """
     N, H = hidden.shape

@@ -262,7 +262,7 @@ def combine_tiles(stats: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]
         lse = M + \log S,   \log p_t = (z_t - M) - \log S,
         H = \log S - \sum_k e^{\delta_k} (t_k + \delta_k s_k) / S.
 
-    The shift is the largest logit itself, not a tile's ``lse`` (as :mod:`rcpo_losses.vocab_parallel`
+    The shift is the largest logit itself, not a tile's ``lse`` (as :mod:`rcpo_losses.tokens.vocab_parallel`
     merges ranks): ``z_t - M`` is exact where both are large (logits of 1e4 in fp32), and every term
     of ``H`` is ``>= 0``, so nothing cancels. Rows whose target is ignored get ``logp = H = 0``.
     """

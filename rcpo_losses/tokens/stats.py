@@ -15,11 +15,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .checks import check_positive_int, check_target_ids
-from .dispersion import entropy_dispersion
-from .ops.token_stats import token_stats_any
-from .ranks import check_rank_tensor
-from .reference.token_stats import LogitTransform, chunk_rows
+from ..checks import check_positive_int, check_target_ids
+from ..dispersion import entropy_dispersion
+from ..ops.token_stats import token_stats_any
+from ..ranks import check_rank_tensor
+from ..reference.token_stats import LogitTransform, chunk_rows
 
 
 def sequence_logps(token_logps: Tensor, mask: Tensor, *, normalize: bool = False) -> Tensor:
@@ -116,7 +116,7 @@ def token_logps_and_entropy(
             ``targets``; every rank gets the full-vocabulary ``(logp, entropy)``, exact, from
             two all-reduces of ``[N]``-sized vectors (no gather of the logits). Every rank must
             back-propagate the same loss; each gets its slice's gradient. See
-            :mod:`rcpo_losses.vocab_parallel`.
+            :mod:`rcpo_losses.tokens.vocab_parallel`.
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 logits). The logits gradient

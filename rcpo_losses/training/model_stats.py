@@ -3,8 +3,8 @@
 One call for a training loop of any framework: the model runs through its own forward (so
 DDP's and FSDP's hooks run), and the LM head, fused or not, runs only on the hidden rows
 that predict a completion token. The batch is either layout of
-:class:`rcpo_losses.data.RankedPreferenceCollator`: ``"padded"`` (``[B, S, L]``) or
-``"prefix_shared"`` (one packed sequence, :mod:`rcpo_losses.packing`).
+:class:`rcpo_losses.training.data.RankedPreferenceCollator`: ``"padded"`` (``[B, S, L]``) or
+``"prefix_shared"`` (one packed sequence, :mod:`rcpo_losses.training.packing`).
 
 The prefix-shared layout needs attention that takes a custom mask: the model gets a 4D
 mask (``sdpa``: bool, ``eager``: additive) or a FlexAttention ``BlockMask``
@@ -24,14 +24,14 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from .fused_linear import fused_linear_token_stats
-from .lm_head import check_tolerance, config_key, eval_mode, final_hidden_states, lm_head_spec, unwrap_model
-from .ops.backend import segment_attention
+from ..ops.backend import segment_attention
+from ..ranks import IGNORE
+from ..tokens.fused_linear import fused_linear_token_stats
+from ..tokens.lm_head import check_tolerance, config_key, eval_mode, final_hidden_states, lm_head_spec, unwrap_model
+from ..tokens.stats import ResponseTokenStats, token_logps_and_entropy
 from .packing import dense_attention_mask, flex_block_mask, is_prefix_shared, pack_prefix_shared
-from .ranks import IGNORE
 from .segment_attention import KWARG, segments
 from .segment_attention import register as segment_attention_name
-from .tokens import ResponseTokenStats, token_logps_and_entropy
 
 # Attention implementations that apply the attention_mask they are given. Others (flash_attention_2 / 3,
 # hub kernels) ignore a custom mask and would attend across completions: RCPOTrainer switches them to
@@ -48,7 +48,7 @@ LAYER_TYPES = {
 RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding")
 
 # Config fields that keep an sdpa model on the dense mask instead of the segment attention
-# (rcpo_losses.segment_attention), which sdpa's arguments cannot express: {field: why} (set and not None).
+# (rcpo_losses.training.segment_attention), which sdpa's arguments cannot express: {field: why} (set and not None).
 DENSE_ONLY = {"attn_logit_softcapping": "soft-capped attention logits", "sinks": "attention sinks (s_aux)"}
 
 # The first-seen check of the prefix-shared layout against the padded one: on by default (prefix_shared_problem).
@@ -206,13 +206,13 @@ def prefix_shared_problem(model: nn.Module, *, verify: bool | None = None) -> st
     mode under ``no_grad``, and the final hidden states of the rows that predict completion
     tokens must agree: :math:`\max |h_{packed} - h_{padded}| \le \epsilon \max |h_{padded}|`,
     ``eps = 1e-6`` in fp64, ``2e-3`` in fp32, ``4e-2`` for bf16/fp16 or when the forward runs
-    under autocast (seen inside the forward): :func:`~rcpo_losses.lm_head.check_tolerance`, that of
-    :func:`~rcpo_losses.lm_head.check_lm_head_spec`. A family whose attention depends on
+    under autocast (seen inside the forward): :func:`~rcpo_losses.tokens.lm_head.check_tolerance`, that of
+    :func:`~rcpo_losses.tokens.lm_head.check_lm_head_spec`. A family whose attention depends on
     anything but the mask and the position ids (a bias over sequence indices, positions from
     ``arange``, a mask it builds itself) differs there. Its cost: one forward of each layout on
     about ``w + 30`` tokens each (``w`` the longest window or chunk; the
     padded one as its 6 sequences alone, no padding), once per key.
-    ``verify=False`` (or ``rcpo_losses.model_stats.VERIFY = False``) skips the probe; so does a
+    ``verify=False`` (or ``rcpo_losses.training.model_stats.VERIFY = False``) skips the probe; so does a
     ``torch.compile`` trace.
     """
     reason = prefix_shared_support(model)
@@ -306,7 +306,7 @@ def prefix_shared_attention_mask(model: nn.Module, batch) -> Tensor | dict:
 def segment_attention_implementation(model: nn.Module) -> str | None:
     """The implementation ``model``'s prefix-shared forward runs with instead of its own, or None.
 
-    The segment attention (:mod:`rcpo_losses.segment_attention`: ``sdpa`` over each prompt and
+    The segment attention (:mod:`rcpo_losses.training.segment_attention`: ``sdpa`` over each prompt and
     each completion with its prompt, cost and memory with the mask's nonzeros, not ``P^2``)
     for an ``sdpa`` model where :func:`rcpo_losses.ops.backend.segment_attention` chooses it
     (the CPU), no config field of ``DENSE_ONLY`` is set and no gradient checkpointing (its
@@ -388,7 +388,7 @@ def response_stats(
 
     Args:
         model: a Hugging Face causal LM, or a DDP / FSDP / ``torch.compile`` wrapper of one.
-        batch: from :class:`~rcpo_losses.data.RankedPreferenceCollator`, either layout
+        batch: from :class:`~rcpo_losses.training.data.RankedPreferenceCollator`, either layout
             (``"prefix_shared"`` when it has ``target_index``). Prefix-shared needs a family
             and attention implementation of :func:`prefix_shared_support`, else ``ValueError``.
         fused_linear: ``True``: :func:`~rcpo_losses.final_hidden_states`, then

@@ -1,10 +1,10 @@
 """Prefix-shared attention over segments: each completion against its own prompt and itself, nothing else.
 
-The dense mask of :func:`rcpo_losses.packing.dense_attention_mask` makes ``sdpa`` compute all
+The dense mask of :func:`rcpo_losses.training.packing.dense_attention_mask` makes ``sdpa`` compute all
 ``P^2`` pairs of the packed sequence and throw most away. Here the packed sequence is cut into
 its segments (each prompt, each completion) and ``sdpa`` runs once per segment: a prompt's
 queries against the prompt, a completion's queries against ``[its prompt; itself]``. Each
-segment's small mask is the rule of :func:`rcpo_losses.packing.prefix_shared_mask_mod`
+segment's small mask is the rule of :func:`rcpo_losses.training.packing.prefix_shared_mask_mod`
 evaluated on the segment's indices (so windows and chunks come from the one rule), and the
 rule allows no pair outside the segments (another row, a sibling completion): the result is
 the dense-mask attention's, at a cost and memory of ``sum_seg m (n + m)`` pairs instead of
@@ -74,7 +74,7 @@ def segment_bounds(batch) -> tuple[tuple[int, int, int, int], ...]:
 def segments(batch, limits: dict) -> Segments:
     """The :class:`Segments` of a packed batch for layer types ``{type: (sliding window, chunk)}``.
 
-    ``limits`` as :func:`rcpo_losses.model_stats.layer_masks`. Memory: ``sum m (n + m)`` bools per
+    ``limits`` as :func:`rcpo_losses.training.model_stats.layer_masks`. Memory: ``sum m (n + m)`` bools per
     distinct ``(window, chunk)``, ``m`` a segment's queries and ``n`` its prompt's length.
     """
     bounds = segment_bounds(batch)
@@ -119,7 +119,8 @@ def segment_attention_forward(
     if not isinstance(layout, Segments):
         raise ValueError(
             f"attention implementation {NAME!r} needs the packed batch's segments as the keyword argument "
-            f"{KWARG!r} of the forward (rcpo_losses.model_stats.response_stats passes it); got {type(layout).__name__}"
+            f"{KWARG!r} of the forward (rcpo_losses.training.model_stats.response_stats passes it); "
+            f"got {type(layout).__name__}"
         )
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:

@@ -19,7 +19,7 @@ The model's logit transform (``softcap``, ``logit_scale``, ``temperature``) is a
 each chunk in place, and its derivative in the backward. On a CPU whose bf16/fp16 GEMM is a
 slow fallback (probed once, see ``rcpo_losses.ops.backend.CPU_FP32_MATMUL``) the chunk matmuls run on fp32 operands.
 With ``process_group`` each rank holds a vocabulary slice of the head
-(:mod:`rcpo_losses.vocab_parallel`).
+(:mod:`rcpo_losses.tokens.vocab_parallel`).
 
 So at most one chunk of logits (and, on CUDA, its gradient) is alive at a time. The
 price is one extra matmul: the forward logits are recomputed in the backward (4 matmuls
@@ -35,10 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_positive_int, check_target_ids
-from .ops.fused_linear import fused_linear_stats_any
-from .reference.token_stats import LogitTransform
-from .tokens import ResponseTokenStats, completion_targets, response_sums
+from ..checks import check_positive_int, check_target_ids
+from ..ops.fused_linear import fused_linear_stats_any
+from ..reference.token_stats import LogitTransform
+from .stats import ResponseTokenStats, completion_targets, response_sums
 
 
 def _check_fused_inputs(
@@ -149,7 +149,7 @@ def fused_linear_token_stats(
             full-vocabulary outputs, from all-reduces of ``[N]``-sized vectors, and in the
             backward its slice's weight gradient and the full ``hidden`` gradient (one
             all-reduce of ``[N, H]``). Every rank must back-propagate the same loss. See
-            :mod:`rcpo_losses.vocab_parallel`.
+            :mod:`rcpo_losses.tokens.vocab_parallel`.
 
     Returns:
         ``(logp, entropy)``, each ``(*)`` fp32 (fp64 for fp64 inputs).

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .reference.token_stats import LogitTransform
+from ..reference.token_stats import LogitTransform
 
 # The first-seen check of lm_head_spec against model(...).logits: on by default (see check_lm_head_spec).
 VERIFY = True
@@ -165,7 +165,7 @@ def lm_head_spec(model: nn.Module, *, verify: bool | None = None) -> LMHeadSpec:
         model: a causal LM with ``get_output_embeddings()`` and ``config``, or a DDP /
             ``torch.compile`` wrapper of one (unwrapped through ``.module`` / ``._orig_mod``).
         verify: run the first-seen check; ``None`` (default) follows the module switch
-            ``rcpo_losses.lm_head.VERIFY`` (True). ``False`` for models whose forward cannot
+            ``rcpo_losses.tokens.lm_head.VERIFY`` (True). ``False`` for models whose forward cannot
             be called with ``input_ids`` alone, or under FSDP when ranks may see different models.
 
     Returns:
@@ -238,7 +238,7 @@ def _fingerprint(inner: nn.Module) -> tuple:
 
 # Largest max|spec logits - model logits| / max|model logits| accepted: rounding of the model's own
 # logits (bf16/fp16 products, TF32 matmuls in fp32) against the spec's fp32 (fp64) recomputation.
-# Also the tolerance of the prefix-shared layout's first-seen probe (rcpo_losses.model_stats).
+# Also the tolerance of the prefix-shared layout's first-seen probe (rcpo_losses.training.model_stats).
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
 HALF_TOLERANCE = 4e-2
 
