@@ -26,6 +26,9 @@ needs_compiler = pytest.mark.skipif(not backend._cpu_compiler_found(), reason="n
 @pytest.fixture
 def compiled(monkeypatch):
     monkeypatch.setattr(backend, "CPU_COMPILE", True)
+    # bf16 on a CPU without a fast bf16 GEMM (an EPYC without AVX512-BF16) would take the fp32-operand
+    # path, which keeps token chunks and compiles nothing: pin the tile path so every CPU tests it.
+    monkeypatch.setattr(backend, "CPU_FP32_MATMUL", False)
     before = backend.COMPILED_CALLS[0]
     yield
     assert not backend._COMPILE_FAILED, backend._COMPILE_FAILED
