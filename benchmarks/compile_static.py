@@ -1,4 +1,4 @@
-"""Compile every kernel launch the launchers choose for real GPU targets, on a machine without a GPU.
+"""Every kernel launch compiled for real GPU targets, without a GPU: registers, spills, occupancy, load widths.
 
 The launchers (``rcpo_losses.kernels.mnl``, ``.mallows``, ``.token_stats``) are run on
 ``device="meta"`` tensors with each ``@triton.jit`` kernel of their module replaced by a

@@ -1,4 +1,4 @@
-"""Write the static half of the kernels' performance story into docs/kernels.md.
+"""The kernels' static report (registers, spills, occupancy, load widths per GPU target), into docs/kernels.md.
 
 For every kernel launch the launchers choose over the grid of ``compile_static.py``
 (int64 ranks, the dtype PyTorch gives), compiled for sm_80, sm_90, sm_100 and gfx942:
