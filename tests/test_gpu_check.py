@@ -100,7 +100,7 @@ def test_benchmark_rows_are_selected_and_written_as_measured(tmp_path):
 
 
 def test_interleaved_peer_run_from_the_bench_file():
-    """``bench_tokens.py --interleaved`` (what benchmarks/peers_interleaved.py was): a row per impl, its peak measured."""
+    """``bench_tokens.py --interleaved`` (was benchmarks/peers_interleaved.py): a row per impl, its peak measured."""
     cmd = [sys.executable, "benchmarks/bench_tokens.py", "--interleaved", "1", "--n", "16", "--v", "64"]
     cmd += ["--dtypes", "fp32", "--impls", "chunked,naive"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
