@@ -26,7 +26,7 @@ from .. import nn as rcpo_nn
 from ..dispersion import entropy_dispersion
 from ..metrics import ranking_metrics
 from ..mnl import mnl_topk
-from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
+from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment, valid_rows
 from ..tokens.lm_head import eval_mode
 from ..tokens.stats import ResponseTokenStats
 from .data import PRECOMPUTED_COLUMNS, REF_COLUMNS, RankedPreferenceCollator
@@ -50,6 +50,7 @@ LISTWISE = {
 PAIRWISE = {"mnl_pairwise": rcpo_nn.MNLPairwiseLoss, "mallows_rmj_pairwise": rcpo_nn.MallowsRMJPairwiseLoss}
 LOSSES = (*LISTWISE, *PAIRWISE, "dpo_all_pairs")
 ROW_COLUMNS = ["prompt", "completions", "scores", "ranking"]
+METRIC_NAMES = ("rewards/kendall_tau", "rewards/top1_accuracy", "rewards/margins", "dispersion/neg_log_phi")
 
 
 def is_peft_model(model) -> bool:
@@ -82,10 +83,11 @@ def top_bottom_ranks(ranks: Tensor) -> Tensor:
     return torch.where(ranks == 0, 0, torch.where(slots == worst, UNRANKED, IGNORE))
 
 
-def kendall_tau(rewards: Tensor, ranks: Tensor) -> Tensor:
+def kendall_tau(rewards: Tensor, ranks: Tensor, *, reduction: str = "mean") -> Tensor:
     """Kendall tau of the rewards with the observed lists: mean over rows of the mean ``sign(r_w - r_l)``.
 
     The pairs are those the top-k list implies (:func:`rcpo_losses.all_pairs`); tied rewards count 0.
+    ``reduction="none"``: each row's value ``[B]`` (0 for a row with no pair), not their mean.
     """
     pairs = all_pairs(ranks)
     r = torch.where(in_assortment(ranks), rewards.detach().float(), 0.0)[pairs.row]
@@ -95,6 +97,8 @@ def kendall_tau(rewards: Tensor, ranks: Tensor) -> Tensor:
     B = ranks.shape[0]
     total = torch.zeros(B, device=r.device).index_add_(0, pairs.row, sign)
     count = torch.zeros(B, device=r.device).index_add_(0, pairs.row, torch.ones_like(sign))
+    if reduction == "none":
+        return total / count.clamp(min=1)
     rows = count > 0
     return (total[rows] / count[rows]).mean() if rows.any() else torch.zeros((), device=r.device)
 
@@ -155,8 +159,10 @@ class RCPOTrainer(Trainer):
 
     Logs ``loss``, ``rewards/kendall_tau``, ``rewards/top1_accuracy``, ``rewards/margins``
     (reward of the pick minus the mean of the others) and ``dispersion/neg_log_phi``,
-    averaged over the steps since the last log; ``evaluate()`` reports the same over its own
-    rows, under its ``metric_key_prefix`` (``eval_``, ``eval_<name>_`` for a dict of datasets,
+    averaged over the steps since the last log; ``evaluate()`` reports the same, and the loss, as
+    means over its own rows (each row counted once whatever the batch size; under data parallelism
+    the rows repeated to even out the processes are dropped; ``dpo_all_pairs``' loss: the mean over
+    the pairs), under its ``metric_key_prefix`` (``eval_``, ``eval_<name>_`` for a dict of datasets,
     ``test_`` in ``predict()``'s metrics).
     """
 
@@ -216,6 +222,7 @@ class RCPOTrainer(Trainer):
         self.fused_linear = fused_linear
         module = LISTWISE.get(loss) or PAIRWISE.get(loss) or rcpo_nn.MNLTopKLoss  # dpo_all_pairs: MNL on pairs
         self.loss_fn = module(beta=beta)
+        self._row_loss_fn = module(beta=beta, reduction="none")  # evaluation: each row's loss
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
         self.precompute_ref = precompute_ref or (bool(datasets) and all(map(has_reference_stats, datasets)))
@@ -223,7 +230,8 @@ class RCPOTrainer(Trainer):
         if ref_model is None and not (self.peft_reference or self.precompute_ref):
             ref_model = copy.deepcopy(model)
         self.ref_model = None if ref_model is None else ref_model.eval().requires_grad_(False)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, list[float]] = defaultdict(list)  # training: each step's means, until logged
+        self._eval_rows: list[Tensor] = []  # evaluation: each batch's per-row values and weights
         self.switch_attention = False  # the prefix-shared steps run with mask_attention_implementation
         super().__init__(
             model=model,
@@ -418,35 +426,47 @@ class RCPOTrainer(Trainer):
         vocab_size = self.vocab_size
         loss_ranks = top_bottom_ranks(ranks) if self.loss_name in PAIRWISE else ranks
         neg_log_phi = entropy_dispersion(ref.entropy_sums, ref.lengths, loss_ranks, vocab_size)
+        # evaluation: each row's loss (a sum over its pairs and their count for dpo_all_pairs), so that
+        # evaluate() reports the mean over rows (pairs) whatever the batch size and the number of processes
+        loss_fn = self.loss_fn if self.model.training else self._row_loss_fn
         if self.loss_name in PAIRWISE:
             rows = torch.arange(ranks.shape[0], device=ranks.device)
             win, lose = ((loss_ranks == v).int().argmax(-1) for v in (0, UNRANKED))
             pick = [(x[rows, win], x[rows, lose]) for x in (policy.logps, ref.logps)]
             extra = {"neg_log_phi": neg_log_phi} if self.loss_name.startswith("mallows") else {}
-            loss = self.loss_fn(*pick[0], *pick[1], **extra)
+            loss = loss_fn(*pick[0], *pick[1], **extra)
         elif self.loss_name == "dpo_all_pairs":
             loss = self._all_pairs_loss(policy.logps, ref.logps, ranks, num_items_in_batch)
         else:
             if self.loss_name.endswith("discrete"):
                 loss_ranks = torch.where(ranks > 0, UNRANKED, ranks)  # the list's first pick
             extra = {"neg_log_phi": neg_log_phi} if self.loss_name.startswith("mallows") else {}
-            loss = self.loss_fn(policy.logps, ref.logps, loss_ranks, **extra)
+            loss = loss_fn(policy.logps, ref.logps, loss_ranks, **extra)
         rewards = self.beta * (policy.logps.detach() - ref.logps)
-        self._store_metrics(rewards, ranks, neg_log_phi)
+        if self.model.training:
+            self._store_metrics(rewards, ranks, neg_log_phi)
+        else:
+            loss = self._store_eval_rows(loss, rewards, ranks, neg_log_phi)
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
-    def _all_pairs_loss(self, policy_logps: Tensor, ref_logps: Tensor, ranks: Tensor, num_items_in_batch) -> Tensor:
+    def _all_pairs_loss(self, policy_logps: Tensor, ref_logps: Tensor, ranks: Tensor, num_items_in_batch):
         """DPO on every implied pair, each pair weighted alike over the whole accumulated batch.
 
         ``num_items_in_batch`` (training: the pairs of every micro-batch of the step, on every
         rank, over the number of ranks, from :meth:`_get_num_items_in_batch`) divides the sum of
         this micro-batch's pair losses, so the update does not depend on how the rows are split
-        into micro-batches or ranks; without it (evaluation), the mean over this batch's pairs.
+        into micro-batches or ranks. In evaluation: each row's sum of pair losses and its number of
+        pairs, ``([B], [B])``, which :meth:`evaluation_loop` divides over all the rows.
         """
         pairs = all_pairs(ranks)
+        logps = policy_logps[pairs.row], ref_logps[pairs.row], pairs.ranks
+        if not self.model.training:
+            zeros = torch.zeros(ranks.shape[0], device=ranks.device, dtype=policy_logps.dtype)
+            losses = self._row_loss_fn(*logps).to(zeros.dtype)
+            return zeros.index_add(0, pairs.row, losses), zeros.index_add(0, pairs.row, torch.ones_like(losses))
         if num_items_in_batch is None:
-            return self.loss_fn(policy_logps[pairs.row], ref_logps[pairs.row], pairs.ranks)
-        total = mnl_topk(policy_logps[pairs.row], ref_logps[pairs.row], pairs.ranks, beta=self.beta, reduction="sum")
+            return self.loss_fn(*logps)
+        total = mnl_topk(*logps, beta=self.beta, reduction="sum")
         return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1).to(total.dtype)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -464,16 +484,36 @@ class RCPOTrainer(Trainer):
             count = self.accelerator.gather(count[None]).sum() / self.args.world_size
         return count
 
+    def _metric_rows(self, rewards: Tensor, ranks: Tensor, neg_log_phi: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's reward metrics (``METRIC_NAMES``) ``[B, 4]``, and whether the row counts ``[B, 1]``."""
+        found = ranking_metrics(rewards, ranks, reduction="none")
+        values = [kendall_tau(rewards, ranks, reduction="none"), found["top1_accuracy"], found["margin"], neg_log_phi]
+        per_row = torch.stack([v.to(found["margin"].dtype) for v in values], -1)
+        valid = valid_rows(ranks)[:, None].to(per_row.dtype)  # every row of a validated batch
+        return per_row * valid, valid
+
     def _store_metrics(self, rewards: Tensor, ranks: Tensor, neg_log_phi: Tensor) -> None:
-        found = ranking_metrics(rewards, ranks)
-        values = torch.stack(
-            [kendall_tau(rewards, ranks), found["top1_accuracy"].float(), found["margin"].float(), neg_log_phi.mean()]
-        )
-        values = self.accelerator.gather(values[None]).reshape(-1, len(values)).mean(0).tolist()
-        mode = "train" if self.model.training else "eval"
-        names = ("rewards/kendall_tau", "rewards/top1_accuracy", "rewards/margins", "dispersion/neg_log_phi")
-        for name, value in zip(names, values, strict=True):
-            self._metrics[mode][name].append(value)
+        """Training: keep the step's reward metrics, means over its rows (and ranks), until the next log."""
+        per_row, valid = self._metric_rows(rewards, ranks, neg_log_phi)
+        means = per_row.sum(0) / valid.sum().clamp(min=1)
+        means = self.accelerator.gather(means[None].float()).reshape(-1, len(METRIC_NAMES)).mean(0).tolist()
+        for name, value in zip(METRIC_NAMES, means, strict=True):
+            self._metrics[name].append(value)
+
+    def _store_eval_rows(self, loss, rewards: Tensor, ranks: Tensor, neg_log_phi: Tensor) -> Tensor:
+        """Evaluation: keep each row's loss and reward metrics; the batch's mean loss.
+
+        ``loss`` is each row's loss ``[B]`` (0 in a row left out), or for ``dpo_all_pairs`` each
+        row's sum over its pairs and their number. The rows of every process are gathered with
+        ``gather_for_metrics``, which drops those the sampler repeated to give every process the
+        same number of batches; :meth:`evaluation_loop` then divides the sums over all the rows.
+        """
+        per_row, valid = self._metric_rows(rewards, ranks, neg_log_phi)
+        loss_sums, loss_counts = loss if isinstance(loss, tuple) else (loss.to(valid.dtype) * valid[:, 0], valid[:, 0])
+        sums = torch.cat([loss_sums.detach().to(valid.dtype)[:, None], per_row], -1)
+        counts = torch.cat([loss_counts.to(valid.dtype)[:, None], valid.expand_as(per_row)], -1)
+        self._eval_rows.append(self.accelerator.gather_for_metrics(torch.stack([sums, counts], 1)))  # [B, 2, 5]
+        return loss_sums.sum() / loss_counts.sum().clamp(min=1)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -488,20 +528,22 @@ class RCPOTrainer(Trainer):
         They go into the loop's metrics under ``metric_key_prefix`` (``eval``, ``test`` for
         ``predict()``, ``eval_<name>`` for each of a dict of eval datasets), which ``evaluate()`` logs.
         """
-        self._metrics["eval"].clear()
+        self._eval_rows.clear()
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-            for name, values in self._metrics["eval"].items():
-                output.metrics[f"{metric_key_prefix}_{name}"] = sum(values) / len(values)
+            if self._eval_rows:  # means over the rows (each counted once), not over the batches
+                sums, counts = torch.cat(self._eval_rows).double().sum(0)
+                for name, value in zip(("loss", *METRIC_NAMES), (sums / counts.clamp(min=1)).tolist(), strict=True):
+                    output.metrics[f"{metric_key_prefix}_{name}"] = value
         finally:
-            self._metrics["eval"].clear()
+            self._eval_rows.clear()
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:  # evaluation metrics are reported by evaluation_loop
-            for name, values in self._metrics["train"].items():
+            for name, values in self._metrics.items():
                 logs[name] = sum(values) / len(values)
-            self._metrics["train"].clear()
+            self._metrics.clear()
         super().log(logs, start_time)
