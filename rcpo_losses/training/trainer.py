@@ -36,7 +36,13 @@ from .model_stats import (
     prefix_shared_problem,
     response_stats,
 )
-from .precompute import has_reference_stats, precompute_reference_stats, with_reference_columns
+from .precompute import (
+    has_reference_stats,
+    is_stream,
+    precompute_reference_stats,
+    rows_without_reference_stats,
+    with_reference_columns,
+)
 from .reference_model import prepare_reference_model, release_reference
 
 logger = logging.getLogger(__name__)
@@ -103,6 +109,16 @@ def kendall_tau(rewards: Tensor, ranks: Tensor, *, reduction: str = "mean") -> T
     return (total[rows] / count[rows]).mean() if rows.any() else torch.zeros((), device=r.device)
 
 
+def named_datasets(train_dataset, eval_dataset) -> list[tuple[str, object]]:
+    """``(argument, rows)`` of each dataset given: ``train_dataset``, ``eval_dataset`` or each ``eval_dataset[key]``."""
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(f"eval_dataset[{key!r}]", rows) for key, rows in eval_dataset.items()]
+    else:
+        named.append(("eval_dataset", eval_dataset))
+    return [(name, rows) for name, rows in named if rows is not None]
+
+
 class RCPOTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an RCPO objective on ranked completions.
 
@@ -145,7 +161,12 @@ class RCPOTrainer(Trainer):
             ``args.per_device_eval_batch_size``, through :meth:`response_stats` and under the
             autocast of training, ``bf16`` / ``fp16``) and keep no reference model. Rows that
             already carry the ``ref_logps``, ``ref_entropy_sums``, ``ref_lengths`` and
-            ``ref_token_hash`` columns need no reference model either.
+            ``ref_token_hash`` columns keep them; only the others are computed. Needs map-style
+            datasets (a ``datasets.Dataset`` or a list of rows): a streamed ``IterableDataset`` that
+            lacks the columns is refused (``ValueError`` naming the argument). Without it, datasets
+            whose rows all carry the columns need no reference model either (a dict of eval
+            datasets: each of them), and a dataset that carries them in some rows only gets the
+            others computed here (with the reference, kept if another dataset has none).
         layout: the collator's layout: ``"prefix_shared"`` (default: each prompt computed once,
             no padding, the LM head on completion tokens only) or ``"padded"``. With
             ``"prefix_shared"``, a model whose attention implementation takes no custom mask
@@ -224,8 +245,32 @@ class RCPOTrainer(Trainer):
         self.loss_fn = module(beta=beta)
         self._row_loss_fn = module(beta=beta, reduction="none")  # evaluation: each row's loss
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
-        self.precompute_ref = precompute_ref or (bool(datasets) and all(map(has_reference_stats, datasets)))
+        # The rows whose reference statistics are computed here: every row that lacks them with
+        # precompute_ref, else those of a dataset that carries them in some rows only. Without
+        # precompute_ref, a dataset that carries none keeps a live reference model.
+        self._rows_to_precompute: dict[str, list[int]] = {}
+        named = named_datasets(train_dataset, eval_dataset)
+        live = not named
+        for name, rows in named:
+            if is_stream(rows):
+                if has_reference_stats(rows):  # its rows are checked as they are collated
+                    continue
+                if precompute_ref:
+                    raise ValueError(
+                        f"{name}: precompute_ref=True adds the reference's statistics to the rows of a map-style "
+                        f"dataset (a datasets.Dataset or a list of rows), got a {type(rows).__name__}, which is only "
+                        "read as it streams; run precompute_reference_stats on a Dataset beforehand, or keep a "
+                        "live reference model (precompute_ref=False)"
+                    )
+                live = True
+                continue
+            lacking = rows_without_reference_stats(rows)
+            if precompute_ref or 0 < len(lacking) < len(rows):
+                if lacking:
+                    self._rows_to_precompute[name] = lacking
+            elif len(lacking) == len(rows):  # no statistics (or no rows)
+                live = True
+        self.precompute_ref = precompute_ref or not live  # keep no reference model
         self.peft_reference = ref_model is None and is_peft_model(model)  # the base, adapters disabled
         if ref_model is None and not (self.peft_reference or self.precompute_ref):
             ref_model = copy.deepcopy(model)
@@ -244,8 +289,10 @@ class RCPOTrainer(Trainer):
         )
         if choose_layout:  # after Trainer moved the model to its device: the probe runs there
             self._choose_layout()
+        if self._rows_to_precompute:
+            self._precompute_reference(self._rows_to_precompute)
         if self.precompute_ref:
-            self._precompute_reference()
+            self.ref_model = None  # the statistics are in the rows
         elif self.ref_model is not None:
             self.ref_model = prepare_reference_model(self.ref_model, self.accelerator)
 
@@ -376,19 +423,24 @@ class RCPOTrainer(Trainer):
         """:meth:`response_stats` (an override included) as ``precompute_reference_stats`` calls it."""
         return self.response_stats(model, inputs, entropy=entropy)
 
-    def _precompute_reference(self) -> None:
-        """Add the reference's ``ref_*`` columns to the datasets that lack them; keep no reference model.
+    def _precompute_reference(self, missing: dict[str, list[int]]) -> None:
+        """Add the reference's ``ref_*`` columns to the rows ``missing[name]`` of each dataset (``named_datasets``).
 
-        With several processes each computes every ``world``-th row and the columns are gathered,
-        so every rank ends with the whole dataset's statistics.
+        The other rows keep theirs. With several processes each computes every ``world``-th of
+        those rows and the columns are gathered, so every rank ends with the whole dataset's
+        statistics.
         """
         reference = self.model if self.ref_model is None else self.ref_model.to(self.args.device)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
 
-        def add(rows):
-            if rows is None or has_reference_stats(rows):
+        def add(argument, rows):
+            if argument not in missing:
                 return rows
-            indices = range(rank, len(rows), world)
+            positions = missing[argument]
+            if len(positions) < len(rows):
+                logger.info("RCPOTrainer: %s: computing the reference statistics of the %d of its %d rows that "
+                            "carry none", argument, len(positions), len(rows))  # fmt: skip
+            indices = positions[rank::world]
             with self.reference_context(reference), self._forward_as_in_training(reference), self.step_context():
                 part = precompute_reference_stats(
                     reference, [rows[i] for i in indices], self.data_collator,
@@ -401,19 +453,18 @@ class RCPOTrainer(Trainer):
                 from accelerate.utils import gather_object
 
                 parts = gather_object(parts)  # one list per rank
-            columns = {name: [None] * len(rows) for name in PRECOMPUTED_COLUMNS}
+            columns = {name: [None] * len(positions) for name in PRECOMPUTED_COLUMNS}
             for r, values in enumerate(parts):
-                for i, row in zip(range(r, len(rows), world), values, strict=True):
+                for i, row in zip(range(r, len(positions), world), values, strict=True):
                     for name, value in zip(PRECOMPUTED_COLUMNS, row, strict=True):
                         columns[name][i] = value
-            return with_reference_columns(rows, columns)
+            return with_reference_columns(rows, columns, positions)
 
-        self.train_dataset = add(self.train_dataset)
+        self.train_dataset = add("train_dataset", self.train_dataset)
         if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {name: add(rows) for name, rows in self.eval_dataset.items()}
+            self.eval_dataset = {key: add(f"eval_dataset[{key!r}]", rows) for key, rows in self.eval_dataset.items()}
         else:
-            self.eval_dataset = add(self.eval_dataset)
-        self.ref_model = None  # the statistics are in the rows now
+            self.eval_dataset = add("eval_dataset", self.eval_dataset)
 
     # ------------------------------------------------------------------ loss and metrics
 
