@@ -397,3 +397,28 @@ def test_evaluation_reports_means_over_the_rows_whatever_the_batch_size(tokenize
             assert metrics[f"eval_{name}"] == pytest.approx(float(value), rel=1e-5, abs=1e-6), (batch_size, name)
         seen.append(metrics["eval_dispersion/neg_log_phi"])
     assert seen == pytest.approx([seen[0]] * 4, rel=1e-6)
+
+
+def test_collator_options_a_users_data_collator_would_not_apply_are_refused(tokenizer, tmp_path, caplog):
+    """k, ties, max_length, max_prompt_length with a user's data_collator: once dropped without a sign."""
+    mine = RankedPreferenceCollator(tokenizer, k=None, max_length=12)
+    with pytest.raises(
+        ValueError, match=r"^k: options of the collator .*data_collator=RankedPreferenceCollator.*k=None"
+    ):
+        make_trainer(tokenizer, tmp_path, k=2, data_collator=mine)
+    with pytest.raises(ValueError, match=r"^max_prompt_length, ties: .*\(max_prompt_length=None, ties='error'\)"):
+        make_trainer(tokenizer, tmp_path, ties="prefix", max_prompt_length=4, data_collator=mine)
+    with pytest.raises(ValueError, match=r"^max_length: .*data_collator=function.*max_length='\(none\)'"):
+        make_trainer(tokenizer, tmp_path, max_length=12, data_collator=lambda rows: mine(rows))
+    trainer = make_trainer(tokenizer, tmp_path, max_length=12, k=None, data_collator=mine)  # the same: accepted
+    assert trainer.data_collator is mine
+
+    @dataclasses.dataclass
+    class DPOLikeConfig(TrainingArguments):  # TRL's DPOConfig always has these fields
+        max_length: int | None = 6
+        max_prompt_length: int | None = None
+
+    args = DPOLikeConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with caplog.at_level("WARNING", logger="rcpo_losses.training.trainer"):
+        RCPOTrainer(tiny_llama(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer, data_collator=mine)
+    assert "args.max_length not applied: data_collator=RankedPreferenceCollator" in caplog.text, caplog.text

@@ -119,6 +119,37 @@ def named_datasets(train_dataset, eval_dataset) -> list[tuple[str, object]]:
     return [(name, rows) for name, rows in named if rows is not None]
 
 
+def check_collator_options(data_collator, given: dict, args) -> None:
+    """Refuse collator options given to the trainer that a user's ``data_collator`` would not apply.
+
+    ``given``: the options passed explicitly (``k``, ``ties``, ``max_length``,
+    ``max_prompt_length``); each must equal the collator's attribute of the same name. Those read
+    from ``args`` (a TRL ``DPOConfig``) that differ are not applied: one logged warning.
+    """
+    missing = object()
+    conflicts = [name for name, value in given.items() if getattr(data_collator, name, missing) != value]
+    if conflicts:
+        theirs = ", ".join(f"{name}={getattr(data_collator, name, '(none)')!r}" for name in conflicts)
+        raise ValueError(
+            f"{', '.join(conflicts)}: options of the collator RCPOTrainer builds, but data_collator="
+            f"{type(data_collator).__name__} is given, whose own settings ({theirs}) would apply instead; set them on "
+            "the collator (RankedPreferenceCollator(tokenizer, k=..., ties=..., max_length=..., "
+            "max_prompt_length=...)) or leave them out here"
+        )
+    ignored = [
+        name
+        for name in ("max_length", "max_prompt_length")
+        if name not in given
+        and getattr(args, name, None) is not None
+        and getattr(data_collator, name, missing) != getattr(args, name)
+    ]
+    if ignored:
+        logger.warning(
+            "RCPOTrainer: args.%s not applied: data_collator=%s does its own truncation",
+            " and args.".join(ignored), type(data_collator).__name__,
+        )  # fmt: skip
+
+
 class RCPOTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an RCPO objective on ranked completions.
 
@@ -155,7 +186,13 @@ class RCPOTrainer(Trainer):
             transform (:func:`~rcpo_losses.lm_head_spec`: Gemma-2's soft-capping, Granite's
             and Falcon-H1's logit scales; checked against ``model(...).logits`` the first time a
             model is seen): the ``[N, L, V]`` logits are never formed.
-        max_length, max_prompt_length, ties: passed to the collator.
+        max_length, max_prompt_length, ties: passed to the collator. With a ``data_collator`` of
+            the user's, which does its own truncation and ranking, giving one of these and ``k``
+            raises ``ValueError`` naming it unless the collator has the same value (``k=2`` with a
+            collator that keeps every pick would otherwise train on other lists than asked, with
+            no sign); ``args``' ``max_length`` and ``max_prompt_length`` (TRL's ``DPOConfig``
+            always has them) that the collator does not share are not applied, with one logged
+            warning.
         precompute_ref: run the reference once over ``train_dataset`` and ``eval_dataset``
             before training (:func:`~rcpo_losses.precompute_reference_stats`, batches of
             ``args.per_device_eval_batch_size``, through :meth:`response_stats` and under the
@@ -223,6 +260,12 @@ class RCPOTrainer(Trainer):
                 "of model is made; the base with its adapters disabled for a PEFT model), or a copy of model"
             )
         beta = getattr(args, "beta", 0.1) if beta is None else beta
+        if data_collator is not None:
+            given = {"k": k, "max_length": max_length, "max_prompt_length": max_prompt_length}
+            given = {name: value for name, value in given.items() if value is not None}
+            if ties != "error":
+                given["ties"] = ties
+            check_collator_options(data_collator, given, args)
         max_length = getattr(args, "max_length", None) if max_length is None else max_length
         max_prompt_length = getattr(args, "max_prompt_length", None) if max_prompt_length is None else max_prompt_length
         choose_layout = data_collator is None and layout == "prefix_shared"  # the collator is ours
