@@ -95,6 +95,8 @@ def kendall_tau(rewards: Tensor, ranks: Tensor, *, reduction: str = "mean") -> T
     The pairs are those the top-k list implies (:func:`rcpo_losses.all_pairs`); tied rewards count 0.
     ``reduction="none"``: each row's value ``[B]`` (0 for a row with no pair), not their mean.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
     pairs = all_pairs(ranks)
     r = torch.where(in_assortment(ranks), rewards.detach().float(), 0.0)[pairs.row]
     winner = (pairs.ranks == 0).int().argmax(-1, keepdim=True)
