@@ -8,7 +8,8 @@ The DPO paper's controlled experiment (section 6.1, Fig. 2) on SmolLM2-135M-Inst
 compound score. Steps:
 
 1. Prompts: requests for one-sentence reviews of films, books, restaurants, products, ...,
-   written from seeded templates (`make_prompts`); a disjoint held-out split for evaluation.
+   written from seeded templates (`make_prompts`); held-out prompts for evaluation about
+   items (films, books, ...) that no training prompt reviews (`split_prompts`).
 2. One ranked dataset: `rcpo_losses.training.generate.rank_completions` samples S = 5 completions of each
    training prompt from the base model (temperature 1, no top-k or top-p) and scores them with
    VADER. Ties (VADER gives exactly 0 to text without sentiment words) are broken by sample
@@ -103,17 +104,56 @@ REQUESTS = [
 ]
 
 
-def make_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct review requests, drawn from the templates with ``random.Random(seed)``."""
+def _requests(seed: int):
+    """Endless draws ``(item, prompt)`` from the templates with ``random.Random(seed)``: what it reviews, the prompt."""
     rng = random.Random(seed)
-    found: dict[str, None] = {}
-    for _ in range(100 * n):
-        if len(found) == n:
-            return list(found)
+    while True:
         noun, names = ITEMS[rng.choice(sorted(ITEMS))]
         name = rng.choice(names).format(**{key: rng.choice(words) for key, words in WORDS.items()})
-        found[rng.choice(REQUESTS).format(item=f'{noun} "{name}"')] = None
-    raise ValueError(f"n: the templates give fewer than {n} distinct prompts")
+        item = f'{noun} "{name}"'
+        yield item, rng.choice(REQUESTS).format(item=item)
+
+
+def _distinct(draws, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` draws ``(item, prompt)`` with distinct prompts, from at most ``100 n`` draws."""
+    found: dict[str, str] = {}
+    for _ in range(100 * n):
+        if len(found) == n:
+            break
+        item, prompt = next(draws)
+        found.setdefault(prompt, item)
+    if len(found) < n:
+        raise ValueError(f"n: the templates give fewer than {n} distinct prompts")
+    return [(item, prompt) for prompt, item in found.items()]
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct review requests, drawn from the templates with ``random.Random(seed)``."""
+    return [prompt for _, prompt in _distinct(_requests(seed), n)]
+
+
+def split_prompts(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Training prompts (``make_prompts(n_train, seed)``) and held-out prompts about items none of them reviews.
+
+    The split is by item, not by prompt: two requests for the same item in other words
+    (``Review the film "X" in one sentence.``) are the same test, so a held-out prompt
+    reviews an item that no training prompt reviews, and no other held-out prompt either.
+    The held-out prompts continue the training prompts' draws, skipping the items already taken.
+    """
+    draws = _requests(seed)
+    train = _distinct(draws, n_train)
+    taken = {item for item, _ in train}
+    held_out = []
+    for _ in range(100 * (n_train + n_held_out)):
+        if len(held_out) == n_held_out:
+            break
+        item, prompt = next(draws)
+        if item not in taken:
+            taken.add(item)
+            held_out.append(prompt)
+    if len(held_out) < n_held_out:
+        raise ValueError(f"n_held_out: the templates give fewer than {n_held_out} items beside the training ones")
+    return [prompt for _, prompt in train], held_out
 
 
 def chat(prompt: str) -> list[dict[str, str]]:
@@ -300,6 +340,16 @@ def gain_per_nat(points: list[tuple[float, float]]) -> float:
     return sum(x * y for x, y in points) / sum(x * x for x, _ in points)
 
 
+def common_kl(runs: list[dict]) -> float:
+    """The KL at which runs are compared: the smallest final KL among them (0 if that is negative).
+
+    Each run's curve from (0, base) through its checkpoints reaches every KL up to its final
+    one, so every run has a reward there. (Not the smallest of the runs' largest KLs: a run whose
+    KL went down at its last checkpoint would be read past where it ended.)
+    """
+    return max(0.0, min(r["checkpoints"][-1]["kl"] for r in runs))
+
+
 def summary_table(results: dict) -> list[dict]:
     """One line per (objective, beta): final numbers as mean and half-range over seeds, and reward at a common KL.
 
@@ -312,7 +362,7 @@ def summary_table(results: dict) -> list[dict]:
     lines = []
     for beta in sorted({r["beta"] for r in runs}):
         of_beta = [r for r in runs if r["beta"] == beta]
-        common = max(0.0, min(max(c["kl"] for c in r["checkpoints"]) for r in of_beta))
+        common = common_kl(of_beta)
         for name in [n for n in results["config"]["objectives"] if any(r["objective"] == n for r in of_beta)]:
             mine = [r for r in of_beta if r["objective"] == name]
             line = {"objective": name, "beta": beta, "seeds": len(mine), "steps": mine[0]["checkpoints"][-1]["step"]}
@@ -497,11 +547,13 @@ CONFIGS = {
     # sized for 75 minutes on 2 idle cores (docs/experiments.md has the arithmetic)
     "full": dict(train_prompts=72, eval_prompts=24, eval_samples=2, base_samples=4, max_new_tokens=32,
                  steps=12, prompts_per_step=4, prompts_per_device=2, checkpoints=[6, 12], lr=1.5e-5,
-                 betas=[0.1, 0.5], seeds=[0, 1]),
+                 betas=[0.1, 0.5], seeds=[0, 1], split="by_item"),
     "quick": dict(train_prompts=8, eval_prompts=4, eval_samples=1, base_samples=2, max_new_tokens=12,
                   steps=2, prompts_per_step=2, prompts_per_device=2, checkpoints=[2], lr=1e-5,
-                  betas=[0.1], seeds=[0]),
+                  betas=[0.1], seeds=[0], split="by_item"),
 }  # fmt: skip
+# split: the held-out prompts' rule (split_prompts), so that a results.json of the earlier split by
+# prompt is not resumed with its base samples of other prompts.
 
 
 def same_setup(a: dict, b: dict) -> bool:
@@ -534,8 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {**earlier, "config": cfg, "runs": done}
     results["sessions"].append(session)
     before = results["elapsed_s"]
-    prompts = make_prompts(cfg["train_prompts"] + cfg["eval_prompts"], seed=0)
-    train_prompts, eval_prompts = prompts[: cfg["train_prompts"]], prompts[cfg["train_prompts"] :]
+    train_prompts, eval_prompts = split_prompts(cfg["train_prompts"], cfg["eval_prompts"], seed=0)
 
     # 1. the ranked dataset, sampled from the base model, which is also the reference
     t = time.time()
