@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections import defaultdict
 
 import torch
@@ -589,10 +590,14 @@ class RCPOTrainer(Trainer):
         return per_row * valid, valid
 
     def _store_metrics(self, rewards: Tensor, ranks: Tensor, neg_log_phi: Tensor) -> None:
-        """Training: keep the step's reward metrics, means over its rows (and ranks), until the next log."""
+        """Training: keep the step's reward metrics, means over its rows, until the next log.
+
+        Kept on this process only: :meth:`log`, which every process calls at the same steps, averages
+        them over the processes. (A gather here would make every process wait for each other's
+        steps, and a trainer that skips a step on one process, as the online one may, would hang.)
+        """
         per_row, valid = self._metric_rows(rewards, ranks, neg_log_phi)
-        means = per_row.sum(0) / valid.sum().clamp(min=1)
-        means = self.accelerator.gather(means[None].float()).reshape(-1, len(METRIC_NAMES)).mean(0).tolist()
+        means = (per_row.sum(0) / valid.sum().clamp(min=1)).tolist()
         for name, value in zip(METRIC_NAMES, means, strict=True):
             self._metrics[name].append(value)
 
@@ -639,7 +644,25 @@ class RCPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:  # evaluation metrics are reported by evaluation_loop
-            for name, values in self._metrics.items():
-                logs[name] = sum(values) / len(values)
+            logs.update(self.mean_over_processes(self._metrics))
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def mean_over_processes(self, values: dict[str, list[float]]) -> dict[str, float]:
+        """Each name's mean over this process's values since the last log, averaged over the processes.
+
+        A collective: every process calls it at the same point (:meth:`log`), with the same names
+        (a name this process has no values of counts as NaN here and is left out of the mean).
+        """
+        names = sorted(values)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted({n for found in gather_object([names]) for n in found})
+        means = torch.tensor(
+            [sum(values[n]) / len(values[n]) if values.get(n) else math.nan for n in names], dtype=torch.float64
+        )
+        if self.accelerator.num_processes > 1 and names:
+            means = self.accelerator.gather(means.to(self.args.device)[None]).reshape(-1, len(names)).cpu()
+            means = means.nanmean(0)
+        return {n: float(v) for n, v in zip(names, means.reshape(-1).tolist(), strict=True) if math.isfinite(v)}
