@@ -29,7 +29,7 @@ from ..mnl import mnl_topk
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment
 from ..tokens.lm_head import eval_mode
 from ..tokens.stats import ResponseTokenStats
-from .data import PRECOMPUTED_COLUMNS, REF_COLUMNS, RankedPreferenceCollator
+from .data import PRECOMPUTED_COLUMNS, REF_COLUMNS, ROW_COLUMNS, RankedPreferenceCollator
 from .model_stats import (
     attention_implementation,
     mask_attention_implementation,
@@ -49,7 +49,6 @@ LISTWISE = {
 }
 PAIRWISE = {"mnl_pairwise": rcpo_nn.MNLPairwiseLoss, "mallows_rmj_pairwise": rcpo_nn.MallowsRMJPairwiseLoss}
 LOSSES = (*LISTWISE, *PAIRWISE, "dpo_all_pairs")
-ROW_COLUMNS = ["prompt", "completions", "scores", "ranking"]
 
 
 def is_peft_model(model) -> bool:
@@ -180,7 +179,7 @@ class RCPOTrainer(Trainer):
         fused_linear: bool = False,
         max_length: int | None = None,
         max_prompt_length: int | None = None,
-        ties: str = "error",
+        ties: str = "leave_out",
         precompute_ref: bool = False,
         layout: str = "prefix_shared",
         data_collator=None,
