@@ -1,4 +1,4 @@
-"""The pure parts of examples/sentiment.py: prompts, ranking rows, win rate, KL, masks, log-probs."""
+"""The pure parts of examples/sentiment.py: prompts, pair rows, win rate, KL, masks, log-probs."""
 
 from __future__ import annotations
 
@@ -32,15 +32,27 @@ def test_prompts_are_distinct_seeded_and_split_cleanly(monkeypatch):
         sentiment.make_prompts(len(sentiment.REQUESTS) + 1)
 
 
-def test_ranking_rows_break_ties_by_sample_order_and_drop_all_tied_rows():
+def test_pair_rows_keep_the_best_and_worst_untied_completions_and_their_ids():
     rows = [
-        {"prompt": "p", "completions": list("abcde"), "scores": [0.0, 0.5, 0.0, -0.2, 0.5]},
-        {"prompt": "q", "completions": list("abcde"), "scores": [0.0] * 5},
-        {"prompt": "r", "completions": list("abcde"), "scores": [0.1, 0.2, 0.3, 0.4, 0.5]},
-    ]
-    out, counts = sentiment.ranking_rows(rows)
-    assert [row["ranking"] for row in out] == [[1, 4, 0, 2, 3], [4, 3, 2, 1, 0]]
-    assert counts == {"rows": 2, "rows_with_ties": 1, "dropped_all_tied": 1}
+        {"prompt": "p", "completions": list("abcde"), "completion_ids": [[1], [2], [3], [4], [5]],
+         "truncated": [False, True, False, True, False], "scores": [0.0, 0.5, 0.0, -0.2, 0.9],
+         "samples": [1, 1, 1, 1, 1], "prompt_ids": [7], "prompt_index": 0},
+        {"prompt": "q", "completions": list("abc"), "scores": [0.0, 0.0, 0.4], "truncated": [None] * 3},
+        {"prompt": "r", "completions": list("abc"), "scores": [0.3, 0.3, -0.4], "truncated": [None] * 3},
+    ]  # fmt: skip
+    out, dropped = sentiment.pair_rows(rows)
+    assert dropped == 2  # q and r: a single untied score
+    assert out == [{"prompt": "p", "completions": ["e", "d"], "completion_ids": [[5], [4]], "truncated": [False, True],
+                    "scores": [0.9, -0.2], "samples": [1, 1], "prompt_ids": [7], "prompt_index": 0}]  # fmt: skip
+
+
+def test_a_run_of_another_configuration_in_out_is_refused(tmp_path):
+    import json
+
+    cfg = {**sentiment.CONFIGS["quick"], "objectives": ["dpo"]}
+    (tmp_path / "results.json").write_text(json.dumps({"config": cfg}))
+    with pytest.raises(SystemExit, match=r"holds a run of another configuration \(.*max_new_tokens.*\)"):
+        sentiment.main(["--out", str(tmp_path), "--objectives", "dpo"])  # the full configuration on a quick run
 
 
 def test_win_rate_counts_every_pair_and_ties_as_half():

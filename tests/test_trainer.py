@@ -406,7 +406,7 @@ def test_collator_options_a_users_data_collator_would_not_apply_are_refused(toke
         ValueError, match=r"^k: options of the collator .*data_collator=RankedPreferenceCollator.*k=None"
     ):
         make_trainer(tokenizer, tmp_path, k=2, data_collator=mine)
-    with pytest.raises(ValueError, match=r"^max_prompt_length, ties: .*\(max_prompt_length=None, ties='error'\)"):
+    with pytest.raises(ValueError, match=r"^max_prompt_length, ties: .*\(max_prompt_length=None, ties='leave_out'\)"):
         make_trainer(tokenizer, tmp_path, ties="prefix", max_prompt_length=4, data_collator=mine)
     with pytest.raises(ValueError, match=r"^max_length: .*data_collator=function.*max_length='\(none\)'"):
         make_trainer(tokenizer, tmp_path, max_length=12, data_collator=lambda rows: mine(rows))

@@ -61,8 +61,9 @@ def precompute_reference_stats(
         - ``ref_lengths``: :math:`|y_i|`, the completion tokens counted, which the collator checks;
 
     and one value per row, ``ref_token_hash``: the collator's fingerprint of the prompt and
-    completion token ids the statistics were computed on (:func:`rcpo_losses.training.data.token_hash`).
-    Collated again with other tokens (an edited prompt, another ``max_prompt_length``), the row
+    completion token ids the statistics were computed on (:func:`rcpo_losses.training.data.token_hash`;
+    for a sampled row, its ``prompt_ids`` and ``completion_ids`` as collated).
+    Collated again with other tokens (an edited prompt or id, another ``max_prompt_length``), the row
     raises ``ValueError`` naming it. The values are stored unrounded (fp32 numbers for an fp32 or
     bf16 model, fp64 for an fp64 one).
 

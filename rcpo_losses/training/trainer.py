@@ -30,7 +30,7 @@ from ..mnl import mnl_topk
 from ..ranks import IGNORE, UNRANKED, all_pairs, in_assortment, valid_rows
 from ..tokens.lm_head import eval_mode
 from ..tokens.stats import ResponseTokenStats
-from .data import PRECOMPUTED_COLUMNS, REF_COLUMNS, RankedPreferenceCollator
+from .data import PRECOMPUTED_COLUMNS, REF_COLUMNS, ROW_COLUMNS, RankedPreferenceCollator
 from .model_stats import (
     attention_implementation,
     mask_attention_implementation,
@@ -56,7 +56,6 @@ LISTWISE = {
 }
 PAIRWISE = {"mnl_pairwise": rcpo_nn.MNLPairwiseLoss, "mallows_rmj_pairwise": rcpo_nn.MallowsRMJPairwiseLoss}
 LOSSES = (*LISTWISE, *PAIRWISE, "dpo_all_pairs")
-ROW_COLUMNS = ["prompt", "completions", "scores", "ranking"]
 METRIC_NAMES = ("rewards/kendall_tau", "rewards/top1_accuracy", "rewards/margins", "dispersion/neg_log_phi")
 
 
@@ -247,7 +246,7 @@ class RCPOTrainer(Trainer):
         fused_linear: bool = False,
         max_length: int | None = None,
         max_prompt_length: int | None = None,
-        ties: str = "error",
+        ties: str = "leave_out",
         precompute_ref: bool = False,
         layout: str = "prefix_shared",
         data_collator=None,
@@ -266,7 +265,7 @@ class RCPOTrainer(Trainer):
         if data_collator is not None:
             given = {"k": k, "max_length": max_length, "max_prompt_length": max_prompt_length}
             given = {name: value for name, value in given.items() if value is not None}
-            if ties != "error":
+            if ties != "leave_out":  # the default
                 given["ties"] = ties
             check_collator_options(data_collator, given, args)
         max_length = getattr(args, "max_length", None) if max_length is None else max_length
