@@ -3,6 +3,14 @@
 Run (not collected by the normal test run, which only looks in tests/):
 
     python -m pytest benchmarks/bench_fused_linear.py --benchmark-json=out.json
+    python benchmarks/bench_fused_linear.py --interleaved 5 [--n 2048 --h 512 --v 32000 --dtypes fp32,bf16
+        --impls fused,fused.noent,cce]
+
+The second runs ``fused``, ``fused.noent`` and every installed peer (or ``--impls``) in
+interleaved rounds, ``fwd_bwd`` only, and prints one Markdown table: median and minimum time,
+the peak memory of one call and the ``extra`` above the gradients it returns, and both against
+the fastest peer (``common.interleaved``). On a shared machine its ratios are the ones that
+count: pytest-benchmark runs each row's rounds back to back.
 
 Sizes ``(tokens N, hidden H, vocabulary V)``: ``full`` = N in {4096, 16384}, H = 4096,
 V = 128256 (Llama-3), the default on CUDA; ``small`` = N in {1024, 4096}, H = 512,
@@ -61,7 +69,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
-from common import DEVICE, peak_bytes, sync
+from common import DEVICE, interleaved, peak_bytes, sync
 from peers import FUSED_PEERS
 
 from rcpo_losses import fused_linear_token_stats, token_logps_and_entropy
@@ -195,3 +203,7 @@ def test_fused_linear(benchmark, mode, impl, shape, dtype):
     )
     if peak is not None:
         benchmark.extra_info.update(peak_mb=peak / 1e6, peak_copies=peak / (N * V * h.element_size()))
+
+
+if __name__ == "__main__":
+    interleaved(sys.modules[__name__], ("fused", "fused.noent", *FUSED_PEERS), FUSED_PEERS, "nhv")

@@ -3,6 +3,13 @@
 Run (not collected by the normal test run, which only looks in tests/):
 
     python -m pytest benchmarks/bench_tokens.py --benchmark-json=out.json
+    python benchmarks/bench_tokens.py --interleaved 5 [--n 2048 --v 32000 --dtypes fp32,bf16 --impls chunked,trl]
+
+The second runs ours (``chunked``; ``triton`` too on CUDA) and every installed peer in
+interleaved rounds, ``fwd_bwd`` only, and prints one Markdown table: median and minimum time,
+the peak memory of one call and the ``extra`` above the gradient it returns, and both against
+the fastest peer (``common.interleaved``). On a shared machine its ratios are the ones that
+count: pytest-benchmark runs each row's rounds back to back.
 
 Sizes ``(tokens, V)``: ``full`` = {(4096, 32000), (16384, 128256)}, the default on CUDA;
 ``small`` = {(1024, 32000), (256, 128256)}, the default without CUDA (the full sizes need
@@ -47,7 +54,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also from a subprocess
-from common import DEVICE, measure_copy_gbps, peak_bytes, sync
+from common import DEVICE, interleaved, measure_copy_gbps, peak_bytes, sync
 from peers import TOKEN_PEERS
 
 from rcpo_losses import token_logps_and_entropy
@@ -165,3 +172,8 @@ def test_token_stats(benchmark, copy_gbps, mode, impl, shape, dtype):
     )
     if peak is not None:
         benchmark.extra_info.update(peak_mb=peak / 1e6, peak_copies=peak / copy_bytes)
+
+
+if __name__ == "__main__":
+    ours = ("triton", "chunked") if DEVICE == "cuda" else ("chunked",)
+    interleaved(sys.modules[__name__], (*ours, *TOKEN_PEERS), TOKEN_PEERS, "nv")

@@ -1,8 +1,15 @@
-"""What every benchmarks/bench_*.py shares: the device, a sync, compile limits, the copy baseline."""
+"""What every benchmarks/bench_*.py shares: the device, a sync, compile limits, the copy baseline, peak memory.
+
+Not run on its own: the bench files import it. ``interleaved`` is the command line of
+``bench_tokens.py`` and ``bench_fused_linear.py`` (``python benchmarks/bench_tokens.py --interleaved 5``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,3 +77,69 @@ def peak_bytes(run, bench_file: str, *args, timeout: float = 1200) -> int | None
 
     threads = torch.get_num_threads()
     return peak_memory.run(_CPU_SCRIPT, bench_file, json.dumps(args), timeout=timeout, threads=threads)
+
+
+def interleaved(module, impls: tuple[str, ...], peers: dict, dims: str, argv: list[str] | None = None) -> None:
+    """Ours against the peers on one machine, interleaved: ``fwd_bwd`` time and peak memory of each implementation.
+
+    The command line of ``module`` (``bench_tokens`` with ``dims="nv"``, ``bench_fused_linear`` with
+    ``dims="nhv"``): its inputs (``make_inputs``), implementations (``_impl``) and step (``_step``).
+    Each round runs every implementation once, in turn, so that the load of a shared machine hits
+    them alike; the table gives the median and the minimum over the rounds (after one warm-up call
+    each, which also compiles). The peak memory is that of one call in a fresh subprocess
+    (``peak_bytes``); ``extra`` subtracts the gradients the call returns (the size of the inputs
+    that require grad). Peers that are not installed are left out (``peers.py``).
+    """
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser.add_argument("--interleaved", type=int, metavar="ROUNDS", required=True, help="rounds, every impl once each")
+    for dim, default in (("n", 2048), ("h", 512), ("v", 32000)):
+        if dim in dims:
+            parser.add_argument(f"--{dim}", type=int, default=default)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--impls", default=None, help="comma-separated; default: ours and every installed peer")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = parser.parse_args(argv)
+    impls = tuple(args.impls.split(",")) if args.impls else tuple(i for i in impls if peers.get(i, True) is not None)
+    sizes = tuple(getattr(args, dim) for dim in dims)
+    print(
+        f"{Path(module.__file__).stem}, fwd_bwd, sizes {sizes}, {DEVICE}, threads {torch.get_num_threads()}, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}"
+    )
+    print("\n| dtype | impl | median | min | peak MB | extra MB | time / fastest peer | extra / its extra |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes.split(","):
+        inputs = module.make_inputs("fwd_bwd", *sizes, dtype)
+        grads_mb = sum(x.numel() * x.element_size() for x in inputs if x.requires_grad) / 1e6
+        fns = {impl: module._impl(impl) for impl in impls}
+
+        def call(impl: str, fns=fns, inputs=inputs) -> None:
+            module._step(fns[impl], "fwd_bwd", *inputs)
+            sync()
+
+        for impl in impls:  # warm-up
+            call(impl)
+        times = {impl: [] for impl in impls}
+        for _ in range(args.interleaved):
+            for impl in impls:
+                start = time.perf_counter()
+                call(impl)
+                times[impl].append(time.perf_counter() - start)
+        peaks = {}
+        for impl in impls:
+            if not args.no_memory:
+                peak = peak_bytes(lambda impl=impl: call(impl), module.__file__, "fwd_bwd", impl, *sizes, dtype)
+                peaks[impl] = None if peak is None else peak / 1e6
+        median = {impl: statistics.median(ts) for impl, ts in times.items()}
+        in_peers = [impl for impl in impls if impl in peers]
+        fastest = min(in_peers, key=median.get) if in_peers else None
+        for impl in impls:
+            peak = peaks.get(impl)
+            extra = None if peak is None else peak - grads_mb
+            cells = [dtype, impl, f"{median[impl] * 1e3:.0f} ms", f"{min(times[impl]) * 1e3:.0f} ms"]
+            cells += ["" if peak is None else f"{peak:.0f}", "" if extra is None else f"{extra:.0f}"]
+            if fastest:
+                cells.append(f"{median[impl] / median[fastest]:.2f} ({fastest})")
+                their = None if peaks.get(fastest) is None else peaks[fastest] - grads_mb
+                cells.append(f"{extra / their:.3f}" if extra is not None and their else "")
+            print("| " + " | ".join(cells) + " |", flush=True)
+        del inputs, fns

@@ -1,4 +1,4 @@
-"""Compile every kernel launch the launchers choose for real GPU targets, on a machine without a GPU.
+"""Every kernel launch compiled for real GPU targets, without a GPU: registers, spills, occupancy, load widths.
 
 The launchers (``rcpo_losses.kernels.mnl``, ``.mallows``, ``.token_stats``) are run on
 ``device="meta"`` tensors with each ``@triton.jit`` kernel of their module replaced by a
@@ -287,10 +287,22 @@ def occupancy(target: str, regs: int, shared: int, num_warps: int) -> tuple[int,
     return limits[limiter] * num_warps, limiter
 
 
+def launch_name(launch: Launch) -> str:
+    """What the report calls a launch: its kernel's name, with ``_fwd`` or ``_bwd`` where one kernel body
+    does both passes (its ``BACKWARD`` constexpr)."""
+    fn = launch.fn
+    name = fn.fn.__name__.removesuffix("_kernel").lstrip("_")
+    bound = {**dict(zip(fn.arg_names, launch.args, strict=False)), **launch.kwargs}
+    if "BACKWARD" in bound:
+        name += "_bwd" if bound["BACKWARD"] else "_fwd"
+    return name
+
+
 def compile_one(launch: Launch, target: str) -> dict:
     """Compile ``launch`` for ``target``; a dict of what the compiler reports (``error`` set on failure)."""
     fn = launch.fn
-    res = {"kernel": fn.fn.__name__, "config": launch.config, "target": target, **launch.meta}
+    res = {"kernel": fn.fn.__name__, "name": launch_name(launch), "config": launch.config, "target": target}
+    res.update(launch.meta)
     try:
         sig, constexprs, attrs, options = specialize(fn, TARGETS[target], launch.args, launch.kwargs)
         res["num_warps"] = options.num_warps

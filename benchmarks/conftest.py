@@ -1,5 +1,7 @@
 """Two switches for the benchmark files, by environment variable (``benchmarks/gpu_check.sh`` sets both).
 
+pytest loads it for every ``python -m pytest benchmarks/bench_*.py``; nothing runs it on its own.
+
 - ``RCPO_BENCH_ROWS=regex``: run only the rows whose pytest id (``benchmarks/bench_x.py::test[...]``)
   matches, the rest deselected (no second pytest process to collect them first).
 - ``RCPO_BENCH_JSONL=path``: append each benchmark row to ``path`` as one JSON line as soon as it is

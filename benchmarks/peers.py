@@ -3,7 +3,8 @@
     pip install -e ".[bench]"   # trl==1.16.0, liger-kernel==0.8.5, cut-cross-entropy==25.1.1
 
 Each entry is ``None`` when its package is not installed (or, for Liger, without CUDA), and
-the benchmarks skip its rows. What each one computes:
+the benchmarks skip its rows. Not run on its own: ``bench_tokens.py`` and ``bench_fused_linear.py``
+import it. What each one computes:
 
 - ``trl`` (``trl.trainer.utils.selective_log_softmax_and_entropy(logits, index)``): target
   log-prob and entropy from logits. On CUDA a Triton kernel in the logits' dtype; elsewhere

@@ -1,4 +1,4 @@
-"""Write the static half of the kernels' performance story into docs/kernels.md.
+"""The kernels' static report (registers, spills, occupancy, load widths per GPU target), into docs/kernels.md.
 
 For every kernel launch the launchers choose over the grid of ``compile_static.py``
 (int64 ranks, the dtype PyTorch gives), compiled for sm_80, sm_90, sm_100 and gfx942:
@@ -67,20 +67,20 @@ def table(report: dict) -> str:
     for r in report["results"]:
         if r.get("ranks", "int64") != "int64":
             continue
-        by_key.setdefault((r["kernel"], r["config"]), {})[r["target"]] = r
+        by_key.setdefault((r["name"], r["config"]), {})[r["target"]] = r
     lines = [
         "| kernel | config | warps | sm_80 | sm_90 | sm_100 | gfx942 VGPRs | smem (sm_90) "
         "| loads (sm_90, bits) | stores |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (kernel, config), rows in by_key.items():
+    for (name, config), rows in by_key.items():
         ref = rows.get("sm_90") or next(iter(rows.values()))
         ok = "error" not in ref
         lines.append(
             "| "
             + " | ".join(
                 [
-                    f"`{kernel.removesuffix('_kernel').lstrip('_')}`",
+                    f"`{name}`",
                     config.replace(" int64", ""),
                     str(ref.get("num_warps", "?")),
                     *(_nvidia_cell(rows.get(t)) for t in NVIDIA),

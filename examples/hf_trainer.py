@@ -6,11 +6,10 @@ python examples/hf_trainer.py --loss mnl --steps 20 --fused-linear   # no [B*S, 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 import torch
-from ranked import frozen_copy, make_ranked_batch, rcpo_loss, tiny_llama
+from ranked import parse_example_args, policy_reference_batch, rcpo_loss
 from transformers import Trainer, TrainingArguments
 
 
@@ -76,9 +75,8 @@ def train(
     ``fused_linear=True``: log-probs and entropies from the final hidden states and the LM
     head (`fused_linear_response_stats`), never forming the logits.
     """
-    policy = tiny_llama(seed=seed)
-    reference = frozen_copy(policy)
-    data = RankedDataset(make_ranked_batch(seed=seed))
+    policy, reference, batch = policy_reference_batch(seed)
+    data = RankedDataset(batch)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -111,18 +109,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--loss", choices=["mallows", "mnl"], default="mallows")
-    parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument(
-        "--fused-linear",
-        action="store_true",
-        help="log-probs and entropies from the final hidden states and the LM head, without the logits",
-    )
-    args = parser.parse_args(argv)
-    history = train(args.steps, args.loss, args.beta, args.lr, fused_linear=args.fused_linear)
+    history = train(**vars(parse_example_args(__doc__, argv)))
     print(f"loss {history[0]:.4f} -> {history[-1]:.4f}")
 
 

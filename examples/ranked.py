@@ -6,6 +6,7 @@ model size are toys (a randomly initialised Llama with a few layers, no download
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
@@ -49,6 +50,29 @@ def frozen_copy(model):
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ref
+
+
+def policy_reference_batch(seed: int = 0):
+    """What the training examples start from: the policy (``tiny_llama``), the reference (its frozen
+    copy) and one fixed batch of 8 prompts (``make_ranked_batch``)."""
+    policy = tiny_llama(seed=seed)
+    return policy, frozen_copy(policy), make_ranked_batch(seed=seed)
+
+
+def parse_example_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The training examples' command line (``doc`` is its help): the arguments of their ``train``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--loss", choices=["mallows", "mnl"], default="mallows")
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fused-linear",
+        action="store_true",
+        help="log-probs and entropies from the final hidden states and the LM head, without the logits",
+    )
+    return parser.parse_args(argv)
 
 
 def make_ranked_batch(

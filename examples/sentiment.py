@@ -8,12 +8,17 @@ The DPO paper's controlled experiment (section 6.1, Fig. 2) on SmolLM2-135M-Inst
 compound score. Steps:
 
 1. Prompts: requests for one-sentence reviews of films, books, restaurants, products, ...,
-   written from seeded templates (`make_prompts`); a disjoint held-out split for evaluation.
+   written from seeded templates (`make_prompts`); held-out prompts for evaluation about
+   items (films, books, ...) that no training prompt reviews (`split_prompts`).
 2. One ranked dataset: `rcpo_losses.training.generate.rank_completions` samples S = 5 completions of each
-   training prompt from the base model (temperature 1, no top-k or top-p) and scores them with
-   VADER. Ties (VADER gives exactly 0 to text without sentiment words) are broken by sample
-   order, which is random since the samples are i.i.d.; a row whose scores are all equal is
-   dropped. The reference statistics are computed once (`rcpo_losses.training.precompute`) and shared.
+   training prompt from the base model (temperature 1, no top-k or top-p) and scores the distinct
+   ones with VADER. Each row keeps the token ids as sampled and whether each completion was cut
+   at the length cap: training scores exactly the tokens the model produced. Ties (VADER gives
+   exactly 0 to text without sentiment words) follow the collator's default rule,
+   `ties="leave_out"`: never ordered by position, tied completions above the first untied one
+   leave the row's assortment, a tie further down ends its list. The pairwise objectives read
+   each row's best and worst untied completions (`pair_rows`). The reference statistics are
+   computed once (`rcpo_losses.training.precompute`) and shared.
 3. Every objective (`OBJECTIVES`) trains from the base with `RCPOTrainer` on that dataset, with
    the same steps, batch, optimizer (AdamW, constant lr, fp32 master weights) and beta grid,
    for each seed (the seed sets the data order and the evaluation samples).
@@ -57,7 +62,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 from rcpo_losses.training.data import RankedPreferenceCollator
 from rcpo_losses.training.generate import rank_completions
 from rcpo_losses.training.precompute import precompute_reference_stats
-from rcpo_losses.training.trainer import RCPOTrainer
+from rcpo_losses.training.trainer import PAIRWISE, RCPOTrainer
 
 # name: (RCPOTrainer loss, k). mnl_pairwise on the best and the worst of 5 is DPO on that pair;
 # dpo_all_pairs is DPO on the 10 pairs the full ranking implies; k=None with 5 samples is the
@@ -103,17 +108,56 @@ REQUESTS = [
 ]
 
 
-def make_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct review requests, drawn from the templates with ``random.Random(seed)``."""
+def _requests(seed: int):
+    """Endless draws ``(item, prompt)`` from the templates with ``random.Random(seed)``: what it reviews, the prompt."""
     rng = random.Random(seed)
-    found: dict[str, None] = {}
-    for _ in range(100 * n):
-        if len(found) == n:
-            return list(found)
+    while True:
         noun, names = ITEMS[rng.choice(sorted(ITEMS))]
         name = rng.choice(names).format(**{key: rng.choice(words) for key, words in WORDS.items()})
-        found[rng.choice(REQUESTS).format(item=f'{noun} "{name}"')] = None
-    raise ValueError(f"n: the templates give fewer than {n} distinct prompts")
+        item = f'{noun} "{name}"'
+        yield item, rng.choice(REQUESTS).format(item=item)
+
+
+def _distinct(draws, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` draws ``(item, prompt)`` with distinct prompts, from at most ``100 n`` draws."""
+    found: dict[str, str] = {}
+    for _ in range(100 * n):
+        if len(found) == n:
+            break
+        item, prompt = next(draws)
+        found.setdefault(prompt, item)
+    if len(found) < n:
+        raise ValueError(f"n: the templates give fewer than {n} distinct prompts")
+    return [(item, prompt) for prompt, item in found.items()]
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct review requests, drawn from the templates with ``random.Random(seed)``."""
+    return [prompt for _, prompt in _distinct(_requests(seed), n)]
+
+
+def split_prompts(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Training prompts (``make_prompts(n_train, seed)``) and held-out prompts about items none of them reviews.
+
+    The split is by item, not by prompt: two requests for the same item in other words
+    (``Review the film "X" in one sentence.``) are the same test, so a held-out prompt
+    reviews an item that no training prompt reviews, and no other held-out prompt either.
+    The held-out prompts continue the training prompts' draws, skipping the items already taken.
+    """
+    draws = _requests(seed)
+    train = _distinct(draws, n_train)
+    taken = {item for item, _ in train}
+    held_out = []
+    for _ in range(100 * (n_train + n_held_out)):
+        if len(held_out) == n_held_out:
+            break
+        item, prompt = next(draws)
+        if item not in taken:
+            taken.add(item)
+            held_out.append(prompt)
+    if len(held_out) < n_held_out:
+        raise ValueError(f"n_held_out: the templates give fewer than {n_held_out} items beside the training ones")
+    return [prompt for _, prompt in train], held_out
 
 
 def chat(prompt: str) -> list[dict[str, str]]:
@@ -142,21 +186,25 @@ def first_words(text: str, n: int = PREFIX_WORDS) -> str:
     return " ".join(text.split()[:n])
 
 
-def ranking_rows(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Rows ``{"prompt", "completions", "ranking"}``: best first, ties broken by sample order.
+def pair_rows(rows: list[dict]) -> tuple[list[dict], int]:
+    """For the pairwise objectives: each row cut to its best and its worst completion that hold their scores alone.
 
-    A row whose scores are all equal has nothing to rank and is dropped. Also returns counts.
+    Under ``ties="leave_out"`` the best untied completion is the first pick of the row's list;
+    the worst untied one is the lowest completion a tie leaves unambiguous. A row with fewer
+    than two untied scores has no such pair and is left out; the count is returned.
     """
-    out, tied, dropped = [], 0, 0
+    out, dropped = [], 0
     for row in rows:
         scores = row["scores"]
-        if len(set(scores)) == 1:
+        untied = sorted((j for j in range(len(scores)) if scores.count(scores[j]) == 1), key=lambda j: -scores[j])
+        if len(untied) < 2:
             dropped += 1
             continue
-        tied += len(set(scores)) < len(scores)
-        order = sorted(range(len(scores)), key=lambda j: -scores[j])  # stable: equal scores keep sample order
-        out.append({"prompt": row["prompt"], "completions": list(row["completions"]), "ranking": order})
-    return out, {"rows": len(out), "rows_with_ties": tied, "dropped_all_tied": dropped}
+        keep = [untied[0], untied[-1]]
+        per_completion = ("completions", "completion_ids", "truncated", "scores", "samples")
+        out.append({**{k: v for k, v in row.items() if k not in per_completion},
+                    **{k: [row[k][j] for j in keep] for k in per_completion if row.get(k) is not None}})  # fmt: skip
+    return out, dropped
 
 
 def win_rate(policy: list[list[float]], base: list[list[float]]) -> float:
@@ -300,6 +348,16 @@ def gain_per_nat(points: list[tuple[float, float]]) -> float:
     return sum(x * y for x, y in points) / sum(x * x for x, _ in points)
 
 
+def common_kl(runs: list[dict]) -> float:
+    """The KL at which runs are compared: the smallest final KL among them (0 if that is negative).
+
+    Each run's curve from (0, base) through its checkpoints reaches every KL up to its final
+    one, so every run has a reward there. (Not the smallest of the runs' largest KLs: a run whose
+    KL went down at its last checkpoint would be read past where it ended.)
+    """
+    return max(0.0, min(r["checkpoints"][-1]["kl"] for r in runs))
+
+
 def summary_table(results: dict) -> list[dict]:
     """One line per (objective, beta): final numbers as mean and half-range over seeds, and reward at a common KL.
 
@@ -312,7 +370,7 @@ def summary_table(results: dict) -> list[dict]:
     lines = []
     for beta in sorted({r["beta"] for r in runs}):
         of_beta = [r for r in runs if r["beta"] == beta]
-        common = max(0.0, min(max(c["kl"] for c in r["checkpoints"]) for r in of_beta))
+        common = common_kl(of_beta)
         for name in [n for n in results["config"]["objectives"] if any(r["objective"] == n for r in of_beta)]:
             mine = [r for r in of_beta if r["objective"] == name]
             line = {"objective": name, "beta": beta, "seeds": len(mine), "steps": mine[0]["checkpoints"][-1]["step"]}
@@ -439,8 +497,12 @@ def write_json(results: dict, path: Path) -> None:
 
 
 def train_one(rows, tokenizer, ref, eval_prompts, base, *, objective, beta, seed, cfg, on_checkpoint, save_to=None):
-    """Train one objective from the base; evaluate at cfg checkpoints (``on_checkpoint(dict)`` after each)."""
+    """Train one objective from the base; evaluate at cfg checkpoints (``on_checkpoint(dict)`` after each).
+
+    ``rows``: ``{"listwise": rows, "pairwise": pair rows}``, each with the reference's statistics.
+    """
     loss, k = OBJECTIVES[objective]
+    rows = rows["pairwise" if loss in PAIRWISE else "listwise"]
     policy, _ = load_smollm2(torch.float32)
     run = {"objective": objective, "loss": loss, "k": k, "beta": beta, "seed": seed, "checkpoints": []}
     eval_time = [0.0]
@@ -497,11 +559,13 @@ CONFIGS = {
     # sized for 75 minutes on 2 idle cores (docs/experiments.md has the arithmetic)
     "full": dict(train_prompts=72, eval_prompts=24, eval_samples=2, base_samples=4, max_new_tokens=32,
                  steps=12, prompts_per_step=4, prompts_per_device=2, checkpoints=[6, 12], lr=1.5e-5,
-                 betas=[0.1, 0.5], seeds=[0, 1]),
+                 betas=[0.1, 0.5], seeds=[0, 1], split="by_item"),
     "quick": dict(train_prompts=8, eval_prompts=4, eval_samples=1, base_samples=2, max_new_tokens=12,
                   steps=2, prompts_per_step=2, prompts_per_device=2, checkpoints=[2], lr=1e-5,
-                  betas=[0.1], seeds=[0]),
+                  betas=[0.1], seeds=[0], split="by_item"),
 }  # fmt: skip
+# split: the held-out prompts' rule (split_prompts), so that a results.json of the earlier split by
+# prompt is not resumed with its base samples of other prompts.
 
 
 def same_setup(a: dict, b: dict) -> bool:
@@ -529,13 +593,17 @@ def main(argv: list[str] | None = None) -> None:
     # Run again with the same --out and configuration (objectives may be added): finished runs are
     # kept, the rest done.
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
-    if earlier is not None and "base_rewards" in earlier and same_setup(earlier["config"], cfg):
+    if earlier is not None and not same_setup(earlier["config"], cfg):  # its ranked.jsonl and policies are another's
+        changed = sorted(k for k in {**earlier["config"], **cfg} if k != "objectives" and earlier["config"].get(k)
+                         != cfg.get(k))  # fmt: skip
+        raise SystemExit(f"--out: {out} holds a run of another configuration ({', '.join(changed)} differ): "
+                         "use another folder")  # fmt: skip
+    if earlier is not None and "base_rewards" in earlier:
         done = [r for r in earlier["runs"] if r and "train_s" in r and r["objective"] in cfg["objectives"]]
         results = {**earlier, "config": cfg, "runs": done}
     results["sessions"].append(session)
     before = results["elapsed_s"]
-    prompts = make_prompts(cfg["train_prompts"] + cfg["eval_prompts"], seed=0)
-    train_prompts, eval_prompts = prompts[: cfg["train_prompts"]], prompts[cfg["train_prompts"] :]
+    train_prompts, eval_prompts = split_prompts(cfg["train_prompts"], cfg["eval_prompts"], seed=0)
 
     # 1. the ranked dataset, sampled from the base model, which is also the reference
     t = time.time()
@@ -547,15 +615,20 @@ def main(argv: list[str] | None = None) -> None:
         out=out / "ranked.jsonl",
     )  # fmt: skip
     scores = [s for row in ranked for s in row["scores"]]
-    rows, counts = ranking_rows(list(ranked))
-    by_rank = [
-        [row["scores"][j] for j in sorted(range(NUM_SAMPLES), key=lambda j: -row["scores"][j])] for row in ranked
-    ]
+    rows = list(ranked)  # as sampled: ties follow the trainer's ties="leave_out"
+    pairs, no_pair = pair_rows(rows)
+    by_rank = [sorted(row["scores"], reverse=True) for row in ranked]
     results["dataset"] = {
-        **counts,
+        "rows": len(rows),
+        "rows_with_ties": sum(len(set(row["scores"])) < len(row["scores"]) for row in rows),
+        "samples_merged": ranked.stats.merged,
+        "skipped_identical": ranked.stats.skipped_identical,
+        "skipped_tied": ranked.stats.skipped_tied,
+        "pair_rows": len(pairs),
+        "rows_without_a_pair": no_pair,
         "prompts": len(train_prompts),
         "mean_score": mean(scores),
-        "mean_score_by_rank": [mean(r[i] for r in by_rank) for i in range(NUM_SAMPLES)],
+        "mean_score_by_rank": [mean(r[i] for r in by_rank if len(r) > i) for i in range(max(map(len, by_rank)))],
         "share_zero_score": mean(float(s == 0.0) for s in scores),
         "share_above_0.9": mean(float(s > 0.9) for s in scores),
         "cut": mean(float(c) for row in ranked for c in (row.get("truncated") or []) if c is not None)
@@ -566,7 +639,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. the reference: its statistics of the training rows once, and the base's held-out samples
     t = time.time()
-    rows = precompute_reference_stats(ref, rows, RankedPreferenceCollator(tokenizer), batch_size=2, progress=False)
+    rows = {
+        name: precompute_reference_stats(ref, part, RankedPreferenceCollator(tokenizer), batch_size=2, progress=False)
+        for name, part in (("listwise", rows), ("pairwise", pairs))
+    }
     if "base_rewards" not in results:
         found = sample(ref, tokenizer, eval_prompts, num_samples=cfg["base_samples"],
                        max_new_tokens=cfg["max_new_tokens"], seed=999, ref=ref)  # fmt: skip

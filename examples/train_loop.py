@@ -6,10 +6,8 @@ python examples/train_loop.py --loss mallows --steps 20 --fused-linear   # no [B
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from ranked import frozen_copy, make_ranked_batch, rcpo_loss, tiny_llama
+from ranked import parse_example_args, policy_reference_batch, rcpo_loss
 
 
 def train(
@@ -25,9 +23,7 @@ def train(
     ``fused_linear=True``: log-probs and entropies from the final hidden states and the LM
     head (`fused_linear_response_stats`), never forming the logits.
     """
-    policy = tiny_llama(seed=seed)
-    reference = frozen_copy(policy)
-    batch = make_ranked_batch(seed=seed)
+    policy, reference, batch = policy_reference_batch(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     history = []
     for step in range(steps):
@@ -41,19 +37,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--loss", choices=["mallows", "mnl"], default="mallows")
-    parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--fused-linear",
-        action="store_true",
-        help="log-probs and entropies from the final hidden states and the LM head, without the logits",
-    )
-    args = parser.parse_args(argv)
-    train(args.steps, args.loss, args.beta, args.lr, args.seed, fused_linear=args.fused_linear)
+    train(**vars(parse_example_args(__doc__, argv)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from .ranks import UNRANKED, in_assortment, valid_rows
 
 
 @torch.no_grad()
-def ranking_metrics(rewards: Tensor, ranks: Tensor, *, validate: bool = True) -> dict[str, Tensor]:
+def ranking_metrics(
+    rewards: Tensor, ranks: Tensor, *, validate: bool = True, reduction: str = "mean"
+) -> dict[str, Tensor]:
     """Accuracies and margins of rewards against top-k feedback, averaged over valid rows.
 
     - ``top1_accuracy``: the pick ``y_1`` has the strictly highest reward of its row.
@@ -22,9 +24,16 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor, *, validate: bool = True) ->
     ``ranks`` and ``rewards`` are checked as by the losses (``validate=True``: one device
     sync per check); unvalidated, rows that are not valid top-k lists are left out.
 
+    ``reduction="none"`` gives each row's value instead of the mean (0 in the rows left out:
+    ``rcpo_losses.ranks.valid_rows`` says which count), so that means over several batches can
+    weight every row alike (a mean of batch means does not, unless the batches are equal).
+
     Shape:
-        - rewards, ranks: ``(B, S)``; each output is a 0-dim detached fp32 (fp64) tensor.
+        - rewards, ranks: ``(B, S)``; each output is a detached fp32 (fp64) tensor, 0-dim, or
+          ``(B,)`` with ``reduction="none"``.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
     r, ranks = checked_rewards(rewards, ranks, "none", validate)
     r = clean_rewards(r, ranks)
     present = in_assortment(ranks)
@@ -46,6 +55,8 @@ def ranking_metrics(rewards: Tensor, ranks: Tensor, *, validate: bool = True) ->
     pair_acc = correct.sum((-1, -2)).to(r.dtype) / implied.sum((-1, -2)).clamp(min=1)  # fp64 stays fp64
 
     def mean(x: Tensor) -> Tensor:
+        if reduction == "none":
+            return torch.where(valid, x.to(r.dtype), 0.0)
         return torch.where(valid, x.to(r.dtype) / valid.sum().clamp(min=1), 0.0).sum()
 
     return {

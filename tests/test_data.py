@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from rcpo_losses import IGNORE, UNRANKED
 from rcpo_losses.ranks import valid_rows
-from rcpo_losses.training.data import RankedPreferenceCollator, row_ranks
+from rcpo_losses.training.data import (
+    TIES,
+    RankedPreferenceCollator,
+    encode_prompt,
+    has_ranking,
+    row_ranks,
+    token_hash,
+)
 
 CHAT = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
@@ -54,8 +61,8 @@ def ids(tokenizer, text):
 )
 def test_scores_to_ranks(scores, k, want):
     row = {"completions": ["x"] * len(scores), "scores": scores}
-    assert row_ranks(row, k=k) == want
-    assert row_ranks(row, k=k, ties="prefix") == want
+    for ties in TIES:
+        assert row_ranks(row, k=k, ties=ties) == want
 
 
 @pytest.mark.parametrize(
@@ -69,8 +76,9 @@ def test_scores_to_ranks(scores, k, want):
 def test_ties_error_or_prefix(scores, k, prefix):
     row = {"completions": ["x"] * len(scores), "scores": scores}
     with pytest.raises(ValueError, match=r"row 7 \(prompt .*\): completions \[.*\] tie"):
-        row_ranks(row, k=k, index=7)
+        row_ranks(row, k=k, ties="error", index=7)
     assert row_ranks(row, k=k, ties="prefix") == prefix
+    assert row_ranks(row, k=k) == prefix  # the default, "leave_out", is "prefix" when the best is untied
 
 
 def test_prefix_with_a_tied_best_raises():
@@ -79,6 +87,67 @@ def test_prefix_with_a_tied_best_raises():
         ValueError, match="row 3 \\(prompt .*\\): the best score 1.0 is shared by completions \\[0, 1\\]"
     ):
         row_ranks(row, ties="prefix", index=3)
+
+
+@pytest.mark.parametrize(
+    ("scores", "k", "want"),
+    [
+        ([3.0, 3.0, 2.0, 1.0], None, [IGNORE, IGNORE, 0, 1]),  # the tied best leave; 2 beats 3
+        ([3.0, 3.0, 2.0, 1.0, 0.0], 1, [IGNORE, IGNORE, 0, UNRANKED, UNRANKED]),
+        ([2.0, 2.0, 1.0, 0.0, 0.0], None, [IGNORE, IGNORE, 0, UNRANKED, UNRANKED]),  # then a tie ends the list
+        ([0.8, 0.0, 0.0, -0.3, 0.0], None, [0, UNRANKED, UNRANKED, UNRANKED, UNRANKED]),  # VADER's zeros
+        ([1.0, 5.0, 5.0, 2.0, 2.0, 0.0, 3.0], None, [UNRANKED, IGNORE, IGNORE, UNRANKED, UNRANKED, UNRANKED, 0]),
+        ([4.0, 3.0, 1.0, 1.0], None, [0, 1, UNRANKED, UNRANKED]),  # an untied best: as "prefix"
+    ],
+)
+def test_leave_out_keeps_every_row_that_has_a_list(scores, k, want):
+    row = {"completions": ["x"] * len(scores), "scores": scores}
+    assert row_ranks(row, k=k) == row_ranks(row, k=k, ties="leave_out") == want
+    assert has_ranking(scores)
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[1.0, 1.0], [0.0, 0.0, 0.0], [2.0, 2.0, 1.0], [1.0, 1.0, 0.5, 0.5, 0.0], [0.0, 0.5, 0.0, -0.2, 0.5]],
+)
+def test_leave_out_raises_only_where_no_list_orders_no_tie(scores):
+    row = {"prompt": "hi", "completions": ["x"] * len(scores), "scores": scores}
+    assert not has_ranking(scores)
+    with pytest.raises(ValueError, match=r"row 4 \(prompt 'hi'\): no completion holds a score of its own"):
+        row_ranks(row, index=4)
+
+
+@settings(max_examples=60)
+@given(
+    scores=st.lists(st.integers(0, 3).map(float), min_size=2, max_size=6),
+    k=st.one_of(st.none(), st.integers(1, 6)),
+    shift=st.integers(0, 5),
+)
+def test_leave_out_never_orders_a_tie_and_ranks_whenever_a_list_can(scores, k, shift):
+    """Each pick beats every completion left in its choice set; what leaves is tied and above the first pick."""
+    row = {"completions": ["x"] * len(scores), "scores": scores}
+    # A list that orders no tie exists iff some completion holds a score of its own above another's.
+    exists = any(scores.count(s) == 1 and any(t < s for t in scores) for s in scores)
+    assert has_ranking(scores) == exists
+    if not exists:
+        with pytest.raises(ValueError, match="no completion holds a score of its own"):
+            row_ranks(row, k=k)
+        return
+    ranks = row_ranks(row, k=k)
+    picks = sorted((r, j) for j, r in enumerate(ranks) if r >= 0)
+    assert [r for r, _ in picks] == list(range(len(picks))) and 1 <= len(picks) <= (k or len(scores))
+    for i, (_, a) in enumerate(picks):  # the choice set of pick i: later picks and the unranked
+        rest = [j for r, j in picks[i + 1 :]] + [j for j, r in enumerate(ranks) if r == UNRANKED]
+        assert all(scores[a] > scores[j] for j in rest) and (rest or i > 0)
+    left = [j for j, r in enumerate(ranks) if r == IGNORE]
+    assert all(scores.count(scores[j]) > 1 and scores[j] > scores[picks[0][1]] for j in left)
+    try:
+        assert ranks == row_ranks(row, k=k, ties="prefix")  # with an untied best, the same as "prefix"
+    except ValueError:
+        assert left
+    s = shift % len(scores)
+    rotated = {"completions": row["completions"], "scores": scores[s:] + scores[:s]}
+    assert row_ranks(rotated, k=k) == ranks[s:] + ranks[:s]
 
 
 @settings(max_examples=40)
@@ -240,3 +309,115 @@ def test_collator_output_feeds_the_losses(tokenizer):
     loss = mallows_rmj_topk(stats.logps, torch.zeros(B, S), batch["ranks"], beta=0.5)
     loss.backward()
     assert torch.isfinite(loss) and logits.grad.reshape(B, S, L, -1)[1, 2].abs().sum() == 0
+
+
+# ------------------------------------------------------------------ sampled rows: the ids as sampled
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """A BPE tokenizer whose decoder joins tokens with nothing: sampled ``a``, ``b`` decode to ``ab``, one token."""
+    pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "a", "b", "c", " ", "ab", "ba"])}
+    tok = Tokenizer(models.BPE(vocab, [("a", "b"), ("b", "a")], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    out = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    out.chat_template = (
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}c{% endif %}"
+    )
+    return out
+
+
+A, B, C, SPACE, AB, BA, EOS = 4, 5, 6, 7, 8, 9, 2
+
+
+def sampled(prompt="c", **row):
+    """A sampled row: 'ab' written as a, b (re-tokenized it would be ab), 'c' cut, 'aba' as ab, a and ended."""
+    return {
+        "prompt": prompt,
+        "completions": ["ab", "c", "aba"],
+        "completion_ids": [[A, B, EOS], [C], [AB, A, EOS]],
+        "truncated": [False, True, False],
+        "scores": [2.0, 1.0, 0.0],
+        **row,
+    }
+
+
+def completion_tokens(batch, b, j):
+    return batch["input_ids"][b, j][batch["completion_mask"][b, j]].tolist()
+
+
+def test_sampled_rows_are_trained_on_their_ids(fused):
+    assert ids(fused, "ab") == [AB]  # what re-tokenizing the text would give
+    chat = [{"role": "user", "content": "c"}]
+    rows = [sampled(prompt_ids=[1, C]), sampled(chat)]
+    padded = RankedPreferenceCollator(fused)(rows)
+    packed = RankedPreferenceCollator(fused, layout="prefix_shared")(rows)
+    for b, prompt in enumerate([[1, C], encode_prompt(fused, chat)[1]]):
+        for j, want in enumerate([[A, B, EOS], [C], [AB, A, EOS]]):  # as sampled: the cut one has no EOS
+            assert completion_tokens(padded, b, j) == want
+            assert padded["input_ids"][b, j, : len(prompt)].tolist() == prompt
+    assert packed["token_hash"].tolist() == padded["token_hash"].tolist()
+    assert padded["token_hash"][0] == token_hash([1, C], [[A, B, EOS], [C], [AB, A, EOS]])
+
+
+def test_a_cut_completion_gets_no_end_token_without_ids_either(tokenizer):
+    rows = [{"prompt": "hi", "completions": ["a b", "c"], "truncated": [True, False], "scores": [1.0, 0.0]}]
+    batch = RankedPreferenceCollator(tokenizer)(rows)
+    assert completion_tokens(batch, 0, 0) == ids(tokenizer, "a b")  # cut: no EOS
+    assert completion_tokens(batch, 0, 1) == ids(tokenizer, "c") + [tokenizer.eos_token_id]
+    chat = [{**rows[0], "prompt": [{"role": "user", "content": "hi"}]}]
+    batch = RankedPreferenceCollator(tokenizer)(chat)
+    assert completion_tokens(batch, 0, 0) == ids(tokenizer, "a b")  # cut: no <end> of the template
+    assert completion_tokens(batch, 0, 1) == ids(tokenizer, "c <end>")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"prompt_ids": [1, A]}, r"'prompt_ids' \(2 tokens\) are not the tokenizer's encoding .* from token 1 on"),
+        ({"prompt_ids": [C]}, "are not the tokenizer's encoding"),  # another tokenizer: no BOS
+        ({"completions": ["ab", "c", "abc"]}, r"completion 2 is 'abc', but its completion_ids decode to 'aba'"),
+        ({"completion_ids": [[A, B, EOS], [C], [AB, 10]]}, r"completion_ids\[2\] must be a nonempty list of token ids"),
+        ({"completion_ids": [[A, B, EOS], [], [AB, A]]}, r"completion_ids\[1\] must be a nonempty list"),
+        ({"completion_ids": [[A, B, EOS], [C], [AB, -1]]}, r"completion_ids\[2\] .* in \[0, 10\)"),
+        ({"completion_ids": [[A, B, EOS], [C]]}, "2 completion_ids for 3 completions"),
+        ({"completion_ids": None, "prompt_ids": [1, C]}, "has 'prompt_ids' but no 'completion_ids'"),
+        ({"truncated": [True]}, "'truncated' must be a list of one flag per completion"),
+    ],
+)
+def test_ids_the_tokenizer_cannot_have_produced_are_refused_by_name(fused, change, match):
+    with pytest.raises(ValueError, match=match) as info:
+        RankedPreferenceCollator(fused)([sampled(), sampled(**change)], indices=[3, 4])
+    assert "row 4 (prompt 'c')" in str(info.value)
+
+
+def test_the_fingerprint_covers_the_ids(fused):
+    """Same texts and lengths, other ids: the reference statistics of one row are stale for the other."""
+    row = sampled()
+    batch = RankedPreferenceCollator(fused)([row])
+    stored = {"ref_logps": [-1.0, -2.0, -3.0], "ref_entropy_sums": [1.0, 1.0, 1.0], "ref_lengths": [3, 1, 3],
+              "ref_token_hash": int(batch["token_hash"][0])}  # fmt: skip
+    assert RankedPreferenceCollator(fused)([{**row, **stored}])["ref_lengths"].tolist() == [[3, 1, 3]]
+    other = {**row, **stored, "completion_ids": [[A, B, EOS], [C], [A, BA, EOS]]}  # 'aba' too, three tokens
+    with pytest.raises(ValueError, match="computed on other tokens"):
+        RankedPreferenceCollator(fused)([other])
+
+
+def test_the_statistics_of_a_completion_left_out_are_zero(fused):
+    row = {**sampled(), "scores": [1.0, 1.0, 0.0]}  # no list: the tied best leave one completion
+    with pytest.raises(ValueError, match="no completion holds a score of its own"):
+        RankedPreferenceCollator(fused)([row])
+    row = {**sampled(), "completions": ["ab", "c", "aba", "ba"], "completion_ids": [[A, B], [C], [AB, A], [BA]],
+           "truncated": None, "scores": [1.0, 1.0, 0.5, 0.0]}  # fmt: skip
+    batch = RankedPreferenceCollator(fused)([row])
+    assert batch["ranks"].tolist() == [[IGNORE, IGNORE, 0, 1]]
+    stored = {"ref_logps": [0.0, 0.0, -3.0, -1.0], "ref_entropy_sums": [0.0, 0.0, 1.0, 1.0],
+              "ref_lengths": [0, 0, 2, 1], "ref_token_hash": int(batch["token_hash"][0])}  # fmt: skip
+    assert RankedPreferenceCollator(fused)([{**row, **stored}])["ref_lengths"].tolist() == [[0, 0, 2, 1]]

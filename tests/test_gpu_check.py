@@ -97,3 +97,16 @@ def test_benchmark_rows_are_selected_and_written_as_measured(tmp_path):
     ]
     text = report.section(title_a, data_a)
     assert "## bench_choice" in text and "| test_copy_baseline |" in text
+
+
+def test_interleaved_peer_run_from_the_bench_file():
+    """``bench_tokens.py --interleaved`` (was benchmarks/peers_interleaved.py): a row per impl, its peak measured."""
+    cmd = [sys.executable, "benchmarks/bench_tokens.py", "--interleaved", "1", "--n", "16", "--v", "64"]
+    cmd += ["--dtypes", "fp32", "--impls", "chunked,naive"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| fp32 \| (\w+) \| \d+ ms \| \d+ ms \| (\d*) \|", proc.stdout, re.M)
+    assert [impl for impl, _ in rows] == ["chunked", "naive"], proc.stdout
+    if sys.platform.startswith("linux"):  # the peak of one call, in a fresh subprocess
+        assert all(peak for _, peak in rows), proc.stdout

@@ -36,8 +36,7 @@ FULL = os.environ.get("RCPO_GPU_COMPILE_FULL") == "1"
 CHOICE_KERNELS = {
     "mnl_topk_fwd_kernel",
     "mnl_topk_bwd_kernel",
-    "mallows_rmj_topk_fwd_kernel",
-    "mallows_rmj_topk_bwd_kernel",
+    "mallows_rmj_topk_kernel",  # forward and backward, by its BACKWARD constexpr
 }
 TOKEN_KERNELS = {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel"}
 ITEMSIZE = {"float32": 4, "float64": 8, "int32": 4, "int64": 8}
@@ -67,7 +66,7 @@ def _cuda(report: dict) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    return f"{r['kernel']} {r['config']} on {r['target']}"
+    return f"{r['name']} {r['config']} on {r['target']}"
 
 
 def test_every_launched_kernel_is_compiled_for_every_target(report):
@@ -114,11 +113,11 @@ def test_main_loads_and_stores_are_128_bit_where_the_data_allow(report):
             per_thread = int(r["constexprs"]["ROWS"]) * int(r["constexprs"]["BLOCK_S"]) // (32 * r["num_warps"])
             bits = {name: min(128, per_thread * 8 * ITEMSIZE[r[key]]) for name, key in (("r", "dtype"), ("k", "ranks"))}
             want = {("r_ptr", "ld"): bits["r"], ("ranks_ptr", "ld"): bits["k"]}
-            if "bwd" in r["kernel"]:
+            if "bwd" in r["name"]:
                 want["grad_r_ptr", "st"] = bits["r"]
         else:
             want = {("logits_ptr", "ld"): 128}
-            if "bwd" in r["kernel"]:
+            if "bwd" in r["name"]:
                 want["grad_ptr", "st"] = 128
         for (name, kind), bits in want.items():
             got = _widths(r, name, kind)

@@ -407,3 +407,72 @@ def test_precompute_runs_under_the_autocast_of_training(tokenizer, tmp_path, fus
     trainer.train()
     assert hasattr(trainer.model, "_original_forward") and len(rewards) == 1  # the step ran under autocast
     assert torch.equal(rewards[0], torch.zeros_like(rewards[0])), rewards  # other row order, same numbers
+
+
+# Plain prompts only: a datasets.Dataset holds one type per column.
+PLAIN = [*ROWS[:2], {"prompt": "repeat river two times", "completions": ["river river .", "river ."], "scores": [1, 0]}]
+
+
+def fresh_trainer(tokenizer, tmp_path, rows, **kwargs):  # noqa: F811
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=3, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)  # fmt: skip
+    return RCPOTrainer(tiny_llama(vocab_size=len(tokenizer), seed=0), args=args, train_dataset=rows,
+                       processing_class=tokenizer, beta=0.5, **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_rows_without_statistics_beside_precomputed_ones_are_computed(tokenizer, tmp_path, as_dataset, precompute_ref):  # noqa: F811
+    """Precomputed rows, then a new one: its statistics are computed, the others kept (no reference either way).
+
+    The first row's statistics once made the trainer skip the dataset: no reference, and the new row's batch failed.
+    """
+    from rcpo_losses.training.precompute import has_reference_stats, rows_without_reference_stats
+
+    trainer = make_trainer(tokenizer, tmp_path)
+    done = precompute_reference_stats(trainer.ref_model, PLAIN[:2], trainer.data_collator, progress=False)
+    done[0] = {**done[0], "ref_logps": [x - 0.5 for x in done[0]["ref_logps"]]}  # kept, not recomputed
+    rows = [*done, PLAIN[2]]
+    if as_dataset:
+        rows = datasets.Dataset.from_list(rows)  # the new row holds None in the ref_* columns
+    assert rows_without_reference_stats(rows) == [2] and not has_reference_stats(rows)
+    new = fresh_trainer(tokenizer, tmp_path, rows, precompute_ref=precompute_ref)
+    assert new.ref_model is None and has_reference_stats(new.train_dataset)
+    got = list(new.train_dataset)
+    assert [r["ref_logps"] for r in got[:2]] == [r["ref_logps"] for r in done]
+    alone = precompute_reference_stats(trainer.ref_model, PLAIN[2:], trainer.data_collator, progress=False)[0]
+    for name in REF_COLUMNS:
+        torch.testing.assert_close(torch.tensor(got[2][name]), torch.tensor(alone[name]), rtol=1e-6, atol=1e-6)
+    new.train()  # one batch of all three rows
+
+
+def test_precomputed_rows_in_a_dict_of_eval_datasets_need_no_reference(tokenizer, tmp_path):  # noqa: F811
+    from rcpo_losses.training.precompute import has_reference_stats
+
+    trainer = make_trainer(tokenizer, tmp_path)
+    rows = precompute_reference_stats(trainer.ref_model, PLAIN, trainer.data_collator, progress=False)
+    assert has_reference_stats({"a": rows[:2], "b": rows[2:]}) and not has_reference_stats({"a": rows, "b": PLAIN})
+    del trainer
+    before = live_models()
+    new = fresh_trainer(tokenizer, tmp_path, rows, eval_dataset={"a": rows[:2], "b": rows[2:]})
+    assert new.ref_model is None and live_models() == before + 1  # no reference copy
+    metrics = new.evaluate()
+    assert "eval_a_loss" in metrics and "eval_b_loss" in metrics
+    # with precompute_ref, the eval dataset that lacks them gets them
+    new = fresh_trainer(tokenizer, tmp_path, rows, eval_dataset={"a": rows, "b": PLAIN}, precompute_ref=True)
+    assert new.ref_model is None and all(set(REF_COLUMNS) <= set(r) for r in new.eval_dataset["b"])
+
+
+def test_precompute_ref_needs_a_map_style_dataset(tokenizer, tmp_path):  # noqa: F811
+    stream = datasets.Dataset.from_list(PLAIN).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"train_dataset: precompute_ref=True .*map-style .*IterableDataset"):
+        fresh_trainer(tokenizer, tmp_path, stream, precompute_ref=True)
+    with pytest.raises(ValueError, match=r"eval_dataset\['s'\]: precompute_ref=True .*map-style"):
+        fresh_trainer(tokenizer, tmp_path, PLAIN, eval_dataset={"s": stream}, precompute_ref=True)
+    assert fresh_trainer(tokenizer, tmp_path, stream).ref_model is not None  # a live reference
+    trainer = make_trainer(tokenizer, tmp_path)
+    table = precompute_reference_stats(trainer.ref_model, datasets.Dataset.from_list(PLAIN), trainer.data_collator,
+                                       progress=False)  # fmt: skip
+    streamed = fresh_trainer(tokenizer, tmp_path, table.to_iterable_dataset(), precompute_ref=True)
+    assert streamed.ref_model is None  # a stream that carries the columns: nothing to compute
+    streamed.train()

@@ -1,8 +1,9 @@
-"""The pure parts of examples/sentiment.py: prompts, ranking rows, win rate, KL, masks, log-probs."""
+"""The pure parts of examples/sentiment.py: prompts, pair rows, win rate, KL, masks, log-probs."""
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -31,15 +32,27 @@ def test_prompts_are_distinct_seeded_and_split_cleanly(monkeypatch):
         sentiment.make_prompts(len(sentiment.REQUESTS) + 1)
 
 
-def test_ranking_rows_break_ties_by_sample_order_and_drop_all_tied_rows():
+def test_pair_rows_keep_the_best_and_worst_untied_completions_and_their_ids():
     rows = [
-        {"prompt": "p", "completions": list("abcde"), "scores": [0.0, 0.5, 0.0, -0.2, 0.5]},
-        {"prompt": "q", "completions": list("abcde"), "scores": [0.0] * 5},
-        {"prompt": "r", "completions": list("abcde"), "scores": [0.1, 0.2, 0.3, 0.4, 0.5]},
-    ]
-    out, counts = sentiment.ranking_rows(rows)
-    assert [row["ranking"] for row in out] == [[1, 4, 0, 2, 3], [4, 3, 2, 1, 0]]
-    assert counts == {"rows": 2, "rows_with_ties": 1, "dropped_all_tied": 1}
+        {"prompt": "p", "completions": list("abcde"), "completion_ids": [[1], [2], [3], [4], [5]],
+         "truncated": [False, True, False, True, False], "scores": [0.0, 0.5, 0.0, -0.2, 0.9],
+         "samples": [1, 1, 1, 1, 1], "prompt_ids": [7], "prompt_index": 0},
+        {"prompt": "q", "completions": list("abc"), "scores": [0.0, 0.0, 0.4], "truncated": [None] * 3},
+        {"prompt": "r", "completions": list("abc"), "scores": [0.3, 0.3, -0.4], "truncated": [None] * 3},
+    ]  # fmt: skip
+    out, dropped = sentiment.pair_rows(rows)
+    assert dropped == 2  # q and r: a single untied score
+    assert out == [{"prompt": "p", "completions": ["e", "d"], "completion_ids": [[5], [4]], "truncated": [False, True],
+                    "scores": [0.9, -0.2], "samples": [1, 1], "prompt_ids": [7], "prompt_index": 0}]  # fmt: skip
+
+
+def test_a_run_of_another_configuration_in_out_is_refused(tmp_path):
+    import json
+
+    cfg = {**sentiment.CONFIGS["quick"], "objectives": ["dpo"]}
+    (tmp_path / "results.json").write_text(json.dumps({"config": cfg}))
+    with pytest.raises(SystemExit, match=r"holds a run of another configuration \(.*max_new_tokens.*\)"):
+        sentiment.main(["--out", str(tmp_path), "--objectives", "dpo"])  # the full configuration on a quick run
 
 
 def test_win_rate_counts_every_pair_and_ties_as_half():
@@ -115,3 +128,53 @@ def test_a_rerun_resumes_only_when_just_the_objectives_changed():
 def test_gain_per_nat_is_the_least_squares_slope_through_the_origin():
     assert sentiment.gain_per_nat([(1.0, 0.1), (2.0, 0.2)]) == pytest.approx(0.1)
     assert sentiment.gain_per_nat([(1.0, 0.0), (1.0, 0.2)]) == pytest.approx(0.1)
+
+
+def reviewed_item(prompt: str) -> str:
+    """What a prompt asks to review, read from its text: the kind of item and its quoted name."""
+    return re.search(r'(the [a-z ]+ "[^"]+")', prompt).group(1)
+
+
+@pytest.mark.parametrize(("n_train", "n_held_out", "seed"), [(72, 24, 0), (8, 4, 0), (40, 30, 3)])
+def test_held_out_prompts_review_no_item_of_the_training_prompts(n_train, n_held_out, seed):
+    """Split by item: 3 of the 24 held-out prompts once asked for a training prompt's item in other words."""
+    train, held_out = sentiment.split_prompts(n_train, n_held_out, seed=seed)
+    assert train == sentiment.make_prompts(n_train, seed=seed)  # the training prompts are those of make_prompts
+    assert len(held_out) == n_held_out
+    items = [reviewed_item(p) for p in held_out]
+    assert len(set(items)) == n_held_out  # each held-out prompt its own item
+    assert not [item for item in items if any(item in p for p in train)]
+    assert (train, held_out) == sentiment.split_prompts(n_train, n_held_out, seed=seed)
+
+
+def test_split_prompts_refuses_more_items_than_the_templates_hold(monkeypatch):
+    monkeypatch.setattr(sentiment, "ITEMS", {"film": ("the film", ["Jaws", "Alien"])})
+    (train,), (held_out,) = sentiment.split_prompts(1, 1)
+    assert {reviewed_item(train), reviewed_item(held_out)} == {'the film "Jaws"', 'the film "Alien"'}
+    with pytest.raises(ValueError, match="n_held_out:"):
+        sentiment.split_prompts(1, 2)
+
+
+def checkpoints(*points):
+    """A run's checkpoints: (step, KL, reward) with the other numbers summary_table reads."""
+    keys = {"reward_prefix": 0.0, "win_rate": 0.5, "length": 10.0, "cut": 0.0}
+    return [{"step": step, "kl": kl, "reward": reward, **keys} for step, kl, reward in points]
+
+
+def test_reward_at_common_kl_is_read_at_the_smallest_final_kl():
+    """Curves whose KL goes down at the last checkpoint: the common KL is the smallest final KL (1.22), as
+    documented, not the smallest largest-checkpoint KL (1.3), past where the first run ended."""
+    runs = [
+        {"objective": "dpo", "beta": 0.5, "seed": 0, "grad_norms": [1.0],
+         "checkpoints": checkpoints((6, 1.5, 0.6), (12, 1.22, 0.65))},
+        {"objective": "mnl_top2", "beta": 0.5, "seed": 0, "grad_norms": [1.0],
+         "checkpoints": checkpoints((6, 0.9, 0.5), (12, 1.3, 0.7))},
+    ]  # fmt: skip
+    results = {"base": {"reward": 0.3}, "config": {"objectives": ["dpo", "mnl_top2"]}, "runs": runs}
+    assert sentiment.common_kl(runs) == 1.22
+    lines = {line["objective"]: line for line in sentiment.summary_table(results)}
+    assert lines["dpo"]["common_kl"] == lines["mnl_top2"]["common_kl"] == 1.22
+    assert lines["dpo"]["reward_at_common_kl"] == pytest.approx(0.65)  # its final checkpoint
+    assert lines["mnl_top2"]["reward_at_common_kl"] == pytest.approx(0.5 + 0.2 * (1.22 - 0.9) / (1.3 - 0.9))
+    below = [{**runs[0], "checkpoints": checkpoints((6, 0.2, 0.4), (12, -0.01, 0.3))}, runs[1]]
+    assert sentiment.common_kl(below) == 0.0  # a KL estimate below 0 (noise): the base itself

@@ -365,3 +365,60 @@ def test_an_override_of_response_stats_is_used_by_the_precomputed_reference(toke
     batch = trainer.data_collator(list(trainer.train_dataset))
     _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
     torch.testing.assert_close(out["rewards"], torch.zeros_like(out["rewards"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["mallows_rmj_topk", "dpo_all_pairs"])
+def test_evaluation_reports_means_over_the_rows_whatever_the_batch_size(tokenizer, tmp_path, loss):
+    """5 rows in one batch, in batches of 4 + 1 or 2 + 2 + 1: the same metrics, means over the rows (pairs).
+
+    A mean of batch means gave top1_accuracy 0.4 in one batch and 0.625 in batches of 4 and 1.
+    """
+    from rcpo_losses import ranking_metrics
+
+    rows = [*ROWS, ROWS[0], ROWS[1]]
+    torch.manual_seed(0)
+    trainer = perturbed(make_trainer(tokenizer, tmp_path, loss=loss))
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():  # one batch of all 5 rows: the loss is the mean over the rows (dpo_all_pairs: pairs)
+        whole, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    found = ranking_metrics(out["rewards"], batch["ranks"])
+    want = {"loss": whole, "rewards/top1_accuracy": found["top1_accuracy"], "rewards/margins": found["margin"],
+            "rewards/kendall_tau": kendall_tau(out["rewards"], batch["ranks"])}  # fmt: skip
+    assert 0 < want["rewards/top1_accuracy"] < 1, want
+    each = ranking_metrics(out["rewards"], batch["ranks"], reduction="none")  # each row's values: their mean
+    assert each["top1_accuracy"].shape == (5,) and each["top1_accuracy"].mean() == found["top1_accuracy"]
+    torch.testing.assert_close(kendall_tau(out["rewards"], batch["ranks"], reduction="none").mean(),
+                               want["rewards/kendall_tau"])  # fmt: skip
+    seen = []
+    for batch_size in (5, 4, 2, 1):
+        trainer.args.per_device_eval_batch_size = batch_size
+        metrics = trainer.evaluate(rows)
+        for name, value in want.items():
+            assert metrics[f"eval_{name}"] == pytest.approx(float(value), rel=1e-5, abs=1e-6), (batch_size, name)
+        seen.append(metrics["eval_dispersion/neg_log_phi"])
+    assert seen == pytest.approx([seen[0]] * 4, rel=1e-6)
+
+
+def test_collator_options_a_users_data_collator_would_not_apply_are_refused(tokenizer, tmp_path, caplog):
+    """k, ties, max_length, max_prompt_length with a user's data_collator: once dropped without a sign."""
+    mine = RankedPreferenceCollator(tokenizer, k=None, max_length=12)
+    with pytest.raises(
+        ValueError, match=r"^k: options of the collator .*data_collator=RankedPreferenceCollator.*k=None"
+    ):
+        make_trainer(tokenizer, tmp_path, k=2, data_collator=mine)
+    with pytest.raises(ValueError, match=r"^max_prompt_length, ties: .*\(max_prompt_length=None, ties='leave_out'\)"):
+        make_trainer(tokenizer, tmp_path, ties="prefix", max_prompt_length=4, data_collator=mine)
+    with pytest.raises(ValueError, match=r"^max_length: .*data_collator=function.*max_length='\(none\)'"):
+        make_trainer(tokenizer, tmp_path, max_length=12, data_collator=lambda rows: mine(rows))
+    trainer = make_trainer(tokenizer, tmp_path, max_length=12, k=None, data_collator=mine)  # the same: accepted
+    assert trainer.data_collator is mine
+
+    @dataclasses.dataclass
+    class DPOLikeConfig(TrainingArguments):  # TRL's DPOConfig always has these fields
+        max_length: int | None = 6
+        max_prompt_length: int | None = None
+
+    args = DPOLikeConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with caplog.at_level("WARNING", logger="rcpo_losses.training.trainer"):
+        RCPOTrainer(tiny_llama(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer, data_collator=mine)
+    assert "args.max_length not applied: data_collator=RankedPreferenceCollator" in caplog.text, caplog.text

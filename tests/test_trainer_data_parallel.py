@@ -35,6 +35,8 @@ ROWS = [
     for i, w in enumerate(["apple", "stone", "cloud", "river", "green", "apple", "stone", "cloud"])
 ]
 
+# An odd number of eval rows in batches of 2: on 2 processes the last batches repeat rows to even out the ranks.
+EVAL_ROWS = ROWS[:5]
 
 # (loss, fused_linear, precompute_ref)
 CONFIGS = [("mallows_rmj_topk", False, False), ("mnl_topk", True, False), ("mallows_rmj_topk", True, True)]
@@ -66,11 +68,14 @@ def run(world: int, loss: str, fused: bool, precompute: bool, layout: str, out_d
     args = TrainingArguments(out_dir, max_steps=STEPS, per_device_train_batch_size=4 // world, learning_rate=0.05,
                              optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
                              save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
-                             dataloader_drop_last=True)  # fmt: skip
+                             dataloader_drop_last=True, per_device_eval_batch_size=2)  # fmt: skip
     model = tiny_llama(vocab_size=len(tokenizer), seed=0)
-    trainer = Recording(model, args=args, train_dataset=ROWS, processing_class=tokenizer, loss=loss, beta=0.5, k=2,
-                        fused_linear=fused, precompute_ref=precompute, **LAYOUTS[layout])  # fmt: skip
+    trainer = Recording(model, args=args, train_dataset=ROWS, eval_dataset=EVAL_ROWS, processing_class=tokenizer,
+                        loss=loss, beta=0.5, k=2, fused_linear=fused, precompute_ref=precompute,
+                        **LAYOUTS[layout])  # fmt: skip
     trainer.train()
+    trainer.args.dataloader_drop_last = False  # (for the training batches) evaluate() sees all 5 rows
+    trainer.eval_metrics = trainer.evaluate()
     return trainer
 
 
@@ -123,7 +128,7 @@ def worker(rank: int, store: str, layout: str, out: str) -> None:
                 assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in trainer.model.parameters())
             logs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             policy = trainer.accelerator.unwrap_model(trainer.model)
-            results.append({"losses": logs, "wrapper": name,
+            results.append({"losses": logs, "wrapper": name, "eval": trainer.eval_metrics,
                             "state": {n: p.detach().clone() for n, p in policy.named_parameters()}})  # fmt: skip
         check_fsdp2_shard(rank)
         if rank == 0:
@@ -150,3 +155,9 @@ def test_two_processes_equal_one(layout, tmp_path):
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
         for name, value in one.model.named_parameters():
             torch.testing.assert_close(result["state"][name], value.detach(), rtol=1e-4, atol=1e-6, msg=name)
+        # evaluation counts each of the 5 rows once: the rows repeated to even out the ranks are dropped
+        alone = one.eval_metrics
+        assert set(result["eval"]) == set(alone)
+        for key, value in alone.items():
+            if not key.endswith(("_runtime", "_per_second")):
+                assert result["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, result["eval"], alone)

@@ -15,7 +15,8 @@ The predecessor's reward is gathered, and the gradient scattered back to the
 predecessor, inside the register tile: a loop over the ranks ``t < k`` (up to the largest
 ``k`` of the block) picks the reward of the rank-``t`` item with a masked row sum and
 hands it to the slots whose predecessor has rank ``t``; the backward runs the same loop
-in reverse to sum, per predecessor, the ``c_l`` of the slots that point at it. No
+in reverse to sum, per predecessor, the ``c_l`` of the slots that point at it (one helper,
+``_route``, both ways). One kernel body does the forward and, with ``BACKWARD``, the backward. No
 atomics, no index tensor in memory; bitwise reproducible.
 
 ``sigmoid`` is evaluated from ``e = exp(-|z|)`` (never overflows):
@@ -54,22 +55,17 @@ def _predecessors(rank, valid, dtype):
 
 
 @triton.jit
-def _gather_predecessor(x, rank, pred_rank, k_max):
-    """``x_pred[b, j] = x[b, p(j)]`` (0 where ``j`` has no predecessor)."""
-    x_pred = tl.zeros(x.shape, dtype=x.dtype)
-    for t in range(0, k_max):
-        x_t = tl.sum(tl.where(rank == t, x, 0.0), axis=1)
-        x_pred += tl.where(pred_rank == t, x_t[:, None], 0.0)
-    return x_pred
+def _route(x, from_rank, to_rank, k_max):
+    """``out[b, j] = sum_l x[b, l] [from_rank[b, l] = to_rank[b, j]]`` over the ranks ``t < k_max``.
 
-
-@triton.jit
-def _scatter_to_predecessor(c, rank, pred_rank, k_max):
-    """``out[b, j] = sum_{l : p(l) = j} c[b, l]``: the adjoint of ``_gather_predecessor``."""
-    out = tl.zeros(c.shape, dtype=c.dtype)
+    ``_route(x, rank, pred_rank)`` gathers the predecessor's value, ``x_pred[b, j] = x[b, p(j)]``
+    (0 where ``j`` has none); ``_route(c, pred_rank, rank)`` is its adjoint, the scatter back
+    ``out[b, j] = sum_{l : p(l) = j} c[b, l]``.
+    """
+    out = tl.zeros(x.shape, dtype=x.dtype)
     for t in range(0, k_max):
-        c_t = tl.sum(tl.where(pred_rank == t, c, 0.0), axis=1)
-        out += tl.where(rank == t, c_t[:, None], 0.0)
+        x_t = tl.sum(tl.where(from_rank == t, x, 0.0), axis=1)
+        out += tl.where(to_rank == t, x_t[:, None], 0.0)
     return out
 
 
@@ -83,83 +79,53 @@ def _sigmoid_and_slope(z):
 
 
 @triton.jit
-def mallows_rmj_topk_fwd_kernel(
+def mallows_rmj_topk_kernel(
     r_ptr,
     ranks_ptr,
     w_ptr,
-    loss_ptr,
-    B,
-    S,
-    stride_rb,
-    stride_rs,
-    stride_kb,
-    stride_ks,
-    stride_w,
-    ROWS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    CONTIG: tl.constexpr,
-):
-    rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
-        r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
-    )
-    w = load_row_scalars(w_ptr, rows, row_ok, stride_w).to(x.dtype)
-    pred_rank, weight, k_max = _predecessors(rank, valid, x.dtype)
-    sig, _ = _sigmoid_and_slope(x - _gather_predecessor(x, rank, pred_rank, k_max))
-    total = tl.sum(weight * sig, axis=1)
-    tl.store(loss_ptr + rows, w * total, mask=row_ok)
-
-
-@triton.jit
-def mallows_rmj_topk_bwd_kernel(
+    out_ptr,
     grad_out_ptr,
-    r_ptr,
-    ranks_ptr,
-    w_ptr,
     grad_r_ptr,
-    grad_w_ptr,
     B,
     S,
-    stride_g,
     stride_rb,
     stride_rs,
     stride_kb,
     stride_ks,
     stride_w,
+    stride_g,
+    BACKWARD: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CONTIG: tl.constexpr,
 ):
+    """Forward: ``out = w * s`` per row. ``BACKWARD``: ``out = g * s`` (the gradient of ``w``) and the rewards'
+    gradient into ``grad_r_ptr``, for the upstream gradient ``g`` at ``grad_out_ptr`` (unused in the forward)."""
     rows, cols, row_ok, in_bounds, rank, valid, x = load_tile(
         r_ptr, ranks_ptr, B, S, stride_rb, stride_rs, stride_kb, stride_ks, ROWS, BLOCK_S, CONTIG
     )
     w = load_row_scalars(w_ptr, rows, row_ok, stride_w).to(x.dtype)
-    g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
+    if BACKWARD:
+        g = load_row_scalars(grad_out_ptr, rows, row_ok, stride_g).to(x.dtype)
     pred_rank, weight, k_max = _predecessors(rank, valid, x.dtype)
-    sig, slope = _sigmoid_and_slope(x - _gather_predecessor(x, rank, pred_rank, k_max))
-    tl.store(grad_w_ptr + rows, g * tl.sum(weight * sig, axis=1), mask=row_ok)
-    c = weight * slope * (g * w)[:, None]
-    grad = c - _scatter_to_predecessor(c, rank, pred_rank, k_max)
-    store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, B, S, ROWS, BLOCK_S, CONTIG)
+    sig, slope = _sigmoid_and_slope(x - _route(x, rank, pred_rank, k_max))
+    total = tl.sum(weight * sig, axis=1)
+    if BACKWARD:
+        tl.store(out_ptr + rows, g * total, mask=row_ok)
+        c = weight * slope * (g * w)[:, None]
+        grad = c - _route(c, pred_rank, rank, k_max)
+        store_tile(grad_r_ptr, tl.where(valid, grad, 0.0), rows, cols, in_bounds, B, S, ROWS, BLOCK_S, CONTIG)
+    else:
+        tl.store(out_ptr + rows, w * total, mask=row_ok)
 
 
 def mallows_rmj_topk_fwd(rewards: torch.Tensor, ranks: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Per-row ``w_b * s_b`` ``[B]`` of fp32/fp64 ``rewards [B, S]``, integer ``ranks``, ``w [B]``."""
     B, S = rewards.shape
     loss = torch.empty(B, dtype=rewards.dtype, device=rewards.device)
-    launch_rows(
-        mallows_rmj_topk_fwd_kernel,
-        rewards,
-        ranks,
-        rewards,
-        ranks,
-        w,
-        loss,
-        B,
-        S,
-        *rewards.stride(),
-        *ranks.stride(),
-        w.stride(0),
-    )
+    # grad_out_ptr, grad_r_ptr and stride_g are not read in the forward: any pointer and stride do
+    args = (rewards, ranks, w, loss, w, loss, B, S, *rewards.stride(), *ranks.stride(), w.stride(0), 0)
+    launch_rows(mallows_rmj_topk_kernel, rewards, ranks, *args, False)  # BACKWARD=False
     return loss
 
 
@@ -170,21 +136,6 @@ def mallows_rmj_topk_bwd(
     B, S = rewards.shape
     grad_r = torch.empty((B, S), dtype=rewards.dtype, device=rewards.device)
     grad_w = torch.empty(B, dtype=rewards.dtype, device=rewards.device)
-    launch_rows(
-        mallows_rmj_topk_bwd_kernel,
-        rewards,
-        ranks,
-        grad_out,
-        rewards,
-        ranks,
-        w,
-        grad_r,
-        grad_w,
-        B,
-        S,
-        grad_out.stride(0),
-        *rewards.stride(),
-        *ranks.stride(),
-        w.stride(0),
-    )
+    args = (rewards, ranks, w, grad_w, grad_out, grad_r, B, S, *rewards.stride(), *ranks.stride(), w.stride(0))
+    launch_rows(mallows_rmj_topk_kernel, rewards, ranks, *args, grad_out.stride(0), True)  # BACKWARD=True
     return grad_r, grad_w

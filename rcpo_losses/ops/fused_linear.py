@@ -33,7 +33,7 @@ from ..reference.token_stats import (
     transform_from_args,
 )
 from .backend import cpu_compile, cpu_tile_step, cpu_vocab_tiles, fp32_matmul_operands, use_triton
-from .token_stats import token_stats, token_stats_backward
+from .token_stats import row_stats_like, token_stats, token_stats_backward, upstream_grads
 
 # Default chunk: about N / ceil(V / H) rows, so that a chunk of logits holds about as many
 # elements as the hidden states (the rule of Liger-Kernel's fused linear cross-entropy),
@@ -55,6 +55,18 @@ def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tens
     if bias is None:
         return torch.mm(h, weight.t(), out=out)
     return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, buf: Tensor, chunk: int, cast: bool):
+    """Per chunk of ``chunk`` rows ``a:b``: ``(a, b, h, z)``, ``z = h @ weight.T + bias`` written into ``buf``.
+
+    ``h`` is the chunk of ``hidden``, in fp32 where ``cast`` (the fp32-operand path).
+    """
+    N = hidden.shape[0]
+    for a in range(0, N, chunk):
+        b = min(a + chunk, N)
+        h = hidden[a:b].float() if cast else hidden[a:b]
+        yield a, b, h, _linear(h, weight, bias, buf[: b - a])
 
 
 # torch.addmm(..., out_dtype=torch.float32) accumulates bf16/fp16 products straight into an
@@ -261,10 +273,9 @@ def fused_linear_token_stats_op(
         return logp, ent_all if entropy else ent, lse
     chunk = _resolve_chunk(chunk, N, H, V, cpu=not use_triton and not cast and hidden.device.type == "cpu")
     buf = hidden.new_empty((min(chunk, N), V), dtype=mm_weight.dtype)  # the one chunk of logits, reused
+    chunks = _chunk_logits(hidden, mm_weight, mm_bias, buf, chunk, cast)
     if use_triton:
-        for a in range(0, N, chunk):
-            b = min(a + chunk, N)
-            z = _linear(hidden[a:b], weight, bias, buf[: b - a])
+        for a, b, _, z in chunks:
             logp[a:b], ent_c, lse[a:b] = token_stats(
                 z, targets[a:b], ignore_index, 0, softcap, logit_scale, temperature
             )
@@ -273,10 +284,7 @@ def fused_linear_token_stats_op(
         return logp, ent, lse
     transform = transform_from_args(softcap, logit_scale, temperature)
     work = Workspace(buf, chunk, dtype, transform, writable=True)
-    for a in range(0, N, chunk):
-        b = min(a + chunk, N)
-        h = hidden[a:b].float() if cast else hidden[a:b]
-        _linear(h, mm_weight, mm_bias, buf[: b - a])
+    for a, b, _, _ in chunks:
         z, log_p, p = work.rows(buf, 0, b - a)
         logp[a:b], ent[a:b], lse[a:b] = chunk_stats(z, log_p, p, targets[a:b], ignore_index, entropy)
     return logp, ent, lse
@@ -284,9 +292,7 @@ def fused_linear_token_stats_op(
 
 @fused_linear_token_stats_op.register_fake
 def _(hidden, weight, bias, targets, ignore_index, chunk, use_triton, entropy, *transform):
-    N = hidden.shape[0]
-    dtype = compute_dtype(hidden.dtype)
-    return tuple(hidden.new_empty((N,), dtype=dtype) for _ in range(3))
+    return row_stats_like(hidden)
 
 
 @torch.library.custom_op("rcpo_losses::fused_linear_token_stats_backward", mutates_args=())
@@ -362,10 +368,7 @@ def fused_linear_token_stats_backward_op(
         else:
             transform = transform_from_args(softcap, logit_scale, temperature)
             work = Workspace(buf, chunk, dtype, transform, writable=True)
-        for a in range(0, N, chunk):
-            b = min(a + chunk, N)
-            h = hidden[a:b].float() if cast else hidden[a:b]
-            z = _linear(h, mm_weight, mm_bias, buf[: b - a])  # recompute the chunk's logits
+        for a, b, h, z in _chunk_logits(hidden, mm_weight, mm_bias, buf, chunk, cast):  # the logits, recomputed
             g_acc = None
             if use_triton:
                 g = token_stats_backward(
@@ -447,43 +450,16 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    saved = ctx.saved_tensors  # (hidden, weight, bias, targets, lse, ent): the backward op's first arguments
+    _, _, bias, _, lse, _ = saved
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    zeros = torch.zeros_like(lse)
-    # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
-    g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
-    g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
-    # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
-    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
+    need_bias = need_bias and bias is not None
+    g_logp, g_ent, g_lse = upstream_grads(lse, grad_logp, grad_entropy, grad_lse)
     grad_h, grad_w, grad_b = fused_linear_token_stats_backward_op(
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        ent,
-        g_logp,
-        g_ent,
-        *ctx.args,
-        need_hidden,
-        need_weight,
-        need_bias and bias is not None,
-        *ctx.transform,
-        g_lse,
+        *saved, g_logp, g_ent, *ctx.args, need_hidden, need_weight, need_bias, *ctx.transform, g_lse
     )
-    return (
-        grad_h if need_hidden else None,
-        grad_w if need_weight else None,
-        grad_b if need_bias and bias is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    # None for targets, ignore_index, chunk, use_triton, entropy and the three transform floats
+    return grad_h if need_hidden else None, grad_w if need_weight else None, grad_b if need_bias else None, *[None] * 8
 
 
 fused_linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)

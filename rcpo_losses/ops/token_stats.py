@@ -45,13 +45,16 @@ def token_stats(
     return token_stats_forward(logits, targets, ignore_index, block_v, softcap, logit_scale, temperature)
 
 
+def row_stats_like(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Three empty ``[N]`` tensors in the compute dtype of ``[N, *]`` ``x``: the fake ``(logp, entropy, lse)``."""
+    return tuple(x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)) for _ in range(3))
+
+
 @token_stats.register_fake
 def _(
     logits: Tensor, targets: Tensor, ignore_index: int, block_v: int, softcap=0.0, logit_scale=1.0, temperature=1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    N = logits.shape[0]
-    dtype = compute_dtype(logits.dtype)
-    return tuple(logits.new_empty((N,), dtype=dtype) for _ in range(3))
+    return row_stats_like(logits)
 
 
 @torch.library.custom_op("rcpo_losses::token_stats_backward", mutates_args=())
@@ -102,14 +105,22 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.transform = tuple(transform) + (0.0, 1.0, 1.0)[len(transform) :]  # defaults, if left out
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    logits, targets, lse, entropy = ctx.saved_tensors
+def upstream_grads(
+    lse: Tensor, grad_logp: Tensor | None, grad_entropy: Tensor | None, grad_lse: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The upstream gradients of ``(logp, entropy, lse)``, contiguous in ``lse``'s dtype; None: zeros (lse: None)."""
     zeros = torch.zeros_like(lse)
     # Unused outputs may come back as None; expanded upstream gradients (from .sum()) have stride 0.
     g_logp = zeros if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     g_ent = zeros if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
     # lse is differentiable too (dlse/dz = p): the vocabulary-parallel path combines it across ranks.
     g_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
+    return g_logp, g_ent, g_lse
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    g_logp, g_ent, g_lse = upstream_grads(lse, grad_logp, grad_entropy, grad_lse)
     grad = token_stats_backward(
         logits, targets, lse, entropy, g_logp, g_ent, ctx.ignore_index, ctx.block_v, *ctx.transform, g_lse
     )

@@ -35,10 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import check_positive_int, check_target_ids
+from ..checks import check_positive_int
 from ..ops.fused_linear import fused_linear_stats_any
 from ..reference.token_stats import LogitTransform
-from .stats import ResponseTokenStats, completion_targets, response_sums
+from .stats import ResponseTokenStats, check_targets, per_response
 
 
 def _check_fused_inputs(
@@ -48,8 +48,6 @@ def _check_fused_inputs(
     for name, x in (("hidden", hidden), ("weight", weight)):
         if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
     if hasattr(weight, "full_tensor"):
         raise TypeError(
             "weight: a DTensor (FSDP2 between forwards, or a tensor-parallel layout). Under FSDP2 take it with "
@@ -73,14 +71,7 @@ def _check_fused_inputs(
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias: {bias.dtype} on {bias.device}, weight {weight.dtype} on {weight.device}")
-    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
-        raise ValueError(
-            f"targets: shape {tuple(targets.shape)} must be hidden's shape without the last dim, "
-            f"hidden is {tuple(hidden.shape)}"
-        )
-    if targets.device != hidden.device:
-        raise ValueError(f"targets: on {targets.device}, hidden on {hidden.device}")
-    check_target_ids(targets, weight.shape[0], ignore_index, validate)
+    check_targets(targets, hidden, "hidden", weight.shape[0], ignore_index, validate)
 
 
 def fused_linear_token_stats(
@@ -168,27 +159,22 @@ def fused_linear_token_stats(
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).long().contiguous()
-    if process_group is not None:
+
+    def stats(targets: Tensor, ignore: int) -> tuple[Tensor, Tensor, Tensor]:
+        return fused_linear_stats_any(h, weight, bias, targets, ignore, chunk_size or 0, entropy, transform, backend)
+
+    if process_group is None:
+        logp, ent, _ = stats(t, ignore_index)
+    else:
         from . import vocab_parallel as vp
 
-        V = weight.shape[0]
-        offset, total = vp.vocab_offset(V, process_group, weight.device, t.shape[0])
-        check_target_ids(t, total, ignore_index, validate)
         # A slice masked by its bias (-inf everywhere) has no mass on any row (for finite h and W).
         masked = bias is not None and bool((bias.detach() == -torch.inf).all())
         dead = torch.full_like(t, masked, dtype=torch.bool)
-        local, owned = vp.local_targets(t, offset, V, ignore_index, dead)
-        h = vp.copy_to_ranks(h, process_group)
-        stats = fused_linear_stats_any(
-            h, weight, bias, local, vp.LOCAL_IGNORE, chunk_size or 0, entropy, transform, backend
-        )
-        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group, dead)
+        h = vp.copy_to_ranks(h, process_group)  # what stats reads: its gradient is summed over the ranks
+        logp, ent = vp.full_vocab_stats(stats, t, weight.shape[0], ignore_index, validate, dead, process_group)
         if not entropy:
             ent = torch.zeros_like(ent)
-        return logp.reshape(shape), ent.reshape(shape)
-    logp, ent, _ = fused_linear_stats_any(
-        h, weight, bias, t, ignore_index, chunk_size or 0, entropy, transform, backend
-    )
     return logp.reshape(shape), ent.reshape(shape)
 
 
@@ -241,21 +227,22 @@ def fused_linear_response_stats(
     """
     if hidden.dim() < 2:
         raise ValueError(f"hidden: expected (*, T, H), got shape {tuple(hidden.shape)}")
-    check_positive_int("num_responses", num_responses, "responses per prompt")
-    targets, valid = completion_targets(labels, mask, ignore_index, shift_labels)
-    logp, ent = fused_linear_token_stats(
-        hidden,
-        weight,
-        targets,
-        bias,
-        ignore_index,
-        chunk_size=chunk_size,
-        entropy=entropy,
-        backend=backend,
-        validate=validate,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        process_group=process_group,
-    )
-    return response_sums(logp, ent, valid, num_responses, "hidden", hidden.shape)
+
+    def token_stats(targets: Tensor) -> tuple[Tensor, Tensor]:
+        return fused_linear_token_stats(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index,
+            chunk_size=chunk_size,
+            entropy=entropy,
+            backend=backend,
+            validate=validate,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            temperature=temperature,
+            process_group=process_group,
+        )
+
+    return per_response(token_stats, labels, mask, ignore_index, shift_labels, num_responses, "hidden", hidden.shape)

@@ -10,6 +10,7 @@ functions: their checks, the label shifting and the per-response sums.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -44,21 +45,28 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, *, normalize: bool = False
     return total
 
 
+def check_targets(targets: Tensor, x: Tensor, name: str, vocab: int, ignore_index: int, validate: bool) -> None:
+    """``targets``: integer ids of ``x``'s shape less its last dim, on its device; with ``validate``, in ``[0, vocab)``.
+
+    ``x`` is the input the targets go with, ``name`` its argument's name (for the messages).
+    """
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if tuple(x.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"targets: shape {tuple(targets.shape)} must be the shape of {name} {tuple(x.shape)} without its last dim"
+        )
+    if targets.device != x.device:
+        raise ValueError(f"targets: on {targets.device}, {name} on {x.device}")
+    check_target_ids(targets, vocab, ignore_index, validate)
+
+
 def _check_token_inputs(logits: Tensor, targets: Tensor, ignore_index: int, validate: bool) -> None:
     if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
         raise TypeError(f"logits: expected a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
-    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits: expected (*, V) with V >= 1, got shape {tuple(logits.shape)}")
-    if tuple(logits.shape[:-1]) != tuple(targets.shape):
-        raise ValueError(
-            f"targets: shape {tuple(targets.shape)} must be logits' shape without the vocabulary dim, "
-            f"logits are {tuple(logits.shape)}"
-        )
-    if logits.device != targets.device:
-        raise ValueError(f"targets: on {targets.device}, logits on {logits.device}")
-    check_target_ids(targets, logits.shape[-1], ignore_index, validate)
+    check_targets(targets, logits, "logits", logits.shape[-1], ignore_index, validate)
 
 
 def token_logps_and_entropy(
@@ -134,17 +142,17 @@ def token_logps_and_entropy(
     if V > 1 and z.stride(-1) != 1:
         z = z.contiguous()
     t = targets.reshape(-1).long()
-    if process_group is not None:
+
+    def stats(targets: Tensor, ignore: int) -> tuple[Tensor, Tensor, Tensor]:
+        return token_stats_any(z, targets, ignore, chunk_rows(chunk_size, V), transform, backend)
+
+    if process_group is None:
+        logp, ent, _ = stats(t, ignore_index)
+    else:
         from . import vocab_parallel as vp
 
-        offset, total = vp.vocab_offset(V, process_group, z.device, t.shape[0])
-        check_target_ids(t, total, ignore_index, validate)
         dead = z.detach().amax(-1) == -torch.inf  # a masked slice: no mass (its own softmax is NaN)
-        local, owned = vp.local_targets(t, offset, V, ignore_index, dead)
-        stats = token_stats_any(z, local, vp.LOCAL_IGNORE, chunk_rows(chunk_size, V), transform, backend)
-        logp, ent = vp.combine(*stats, owned, t != ignore_index, process_group, dead)
-        return logp.reshape(shape), ent.reshape(shape)
-    logp, ent, _ = token_stats_any(z, t, ignore_index, chunk_rows(chunk_size, V), transform, backend)
+        logp, ent = vp.full_vocab_stats(stats, t, V, ignore_index, validate, dead, process_group)
     return logp.reshape(shape), ent.reshape(shape)
 
 
@@ -229,30 +237,43 @@ def response_token_stats(
     """
     if logits.dim() < 2:
         raise ValueError(f"logits: expected (*, T, V), got shape {tuple(logits.shape)}")
+
+    def token_stats(targets: Tensor) -> tuple[Tensor, Tensor]:
+        return token_logps_and_entropy(
+            logits,
+            targets,
+            ignore_index,
+            chunk_size=chunk_size,
+            backend=backend,
+            validate=validate,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            temperature=temperature,
+            process_group=process_group,
+        )
+
+    return per_response(token_stats, labels, mask, ignore_index, shift_labels, num_responses, "logits", logits.shape)
+
+
+def per_response(
+    token_stats: Callable[[Tensor], tuple[Tensor, Tensor]],
+    labels: Tensor,
+    mask: Tensor | None,
+    ignore_index: int,
+    shift_labels: bool,
+    num_responses: int | None,
+    name: str,
+    shape: torch.Size,
+) -> ResponseTokenStats:
+    """Per-response sums of the per-token ``(logp, entropy)`` that ``token_stats(targets)`` gives, and the lengths.
+
+    The targets are the completion tokens of ``labels`` (``mask``, ``shift_labels``,
+    ``num_responses``: as in :func:`response_token_stats`). ``name`` and ``shape`` (the input the
+    tokens come from) only word the error message.
+    """
     check_positive_int("num_responses", num_responses, "responses per prompt")
     targets, valid = completion_targets(labels, mask, ignore_index, shift_labels)
-    logp, ent = token_logps_and_entropy(
-        logits,
-        targets,
-        ignore_index,
-        chunk_size=chunk_size,
-        backend=backend,
-        validate=validate,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        process_group=process_group,
-    )
-    return response_sums(logp, ent, valid, num_responses, "logits", logits.shape)
-
-
-def response_sums(
-    logp: Tensor, ent: Tensor, valid: Tensor, num_responses: int | None, name: str, shape: torch.Size
-) -> ResponseTokenStats:
-    """Per-response sums of per-token ``(*, T)`` log-probs and entropies, and the lengths.
-
-    ``name`` and ``shape`` (the input the tokens came from) only word the error message.
-    """
+    logp, ent = token_stats(targets)
     # Ignored positions hold exactly 0 (with 0 gradient), so plain sums are the masked sums.
     out = ResponseTokenStats(logp.sum(-1), ent.sum(-1), valid.sum(-1))
     if num_responses is not None:

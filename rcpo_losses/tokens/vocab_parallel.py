@@ -24,9 +24,13 @@ partial gradients (one all-reduce of ``[N, H]``, as the input of a column-parall
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ..checks import check_target_ids
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -125,3 +129,24 @@ def combine(
     logp = torch.where(valid, z_t - (m + log_s), zero)
     ent = torch.where(valid, log_s + w / s, zero)
     return logp, ent
+
+
+def full_vocab_stats(
+    slice_stats: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]],
+    targets: Tensor,
+    size: int,
+    ignore_index: int,
+    validate: bool,
+    dead: Tensor,
+    group,
+) -> tuple[Tensor, Tensor]:
+    """Global ``(logp, entropy)`` ``[N]`` of ``[N]`` global ``targets``, from this rank's slice of ``size`` ids.
+
+    ``slice_stats(local_targets, LOCAL_IGNORE)`` gives the slice's ``(logp_r, entropy_r, lse_r)``;
+    ``dead``: the rows whose slice is all ``-inf``. With ``validate``, the targets are checked
+    against the full vocabulary.
+    """
+    offset, total = vocab_offset(size, group, targets.device, targets.shape[0])
+    check_target_ids(targets, total, ignore_index, validate)
+    local, owned = local_targets(targets, offset, size, ignore_index, dead)
+    return combine(*slice_stats(local, LOCAL_IGNORE), owned, targets != ignore_index, group, dead)

@@ -7,6 +7,12 @@ A row is a prompt, its completions and the feedback on them::
      "completions": [[{"role": "assistant", "content": "Hello!"}], "Hey."],
      "ranking": [1]}                                                    # completion 1 best; a top-1 list
 
+and a sampled row (:func:`rcpo_losses.training.generate.rank_completions`) also carries the
+token ids as sampled, which are trained as they are, never re-tokenized::
+
+    {"prompt": ..., "completions": [...], "scores": [...],
+     "completion_ids": [[...], ...], "truncated": [...], "prompt_ids": [...]}
+
 :class:`RankedPreferenceCollator` tokenizes a batch of rows; :func:`row_ranks` is its
 feedback-to-ranks step alone (for instance, to filter a dataset before training). Only
 torch is needed: the tokenizer is any object with the Hugging Face tokenizer interface.
@@ -26,13 +32,15 @@ from torch import Tensor
 from ..ranks import IGNORE, UNRANKED
 from .packing import pack_prefix_shared
 
-TIES = ("error", "prefix")
+TIES = ("error", "prefix", "leave_out")
 LAYOUTS = ("padded", "prefix_shared")
 # Reference statistics stored with the rows (rcpo_losses.training.precompute): one value per completion.
 REF_COLUMNS = ("ref_logps", "ref_entropy_sums", "ref_lengths")
 # ...and the fingerprint of the token ids they were computed on (prompt and completions, as collated): one per row.
 REF_TOKEN_HASH = "ref_token_hash"
 PRECOMPUTED_COLUMNS = (*REF_COLUMNS, REF_TOKEN_HASH)
+# The columns of a row the collator reads (a trainer keeps them in a datasets.Dataset).
+ROW_COLUMNS = ("prompt", "completions", "scores", "ranking", "completion_ids", "truncated", "prompt_ids")
 
 
 def token_hash(prompt: Sequence[int], completions: Sequence[Sequence[int]]) -> int:
@@ -61,7 +69,7 @@ def _where(row: Mapping[str, Any], index: int | None, position: int | None = Non
 
 
 def row_ranks(
-    row: Mapping[str, Any], *, k: int | None = None, ties: str = "error", index: int | None = None
+    row: Mapping[str, Any], *, k: int | None = None, ties: str = "leave_out", index: int | None = None
 ) -> list[int]:
     """The rank of each completion of one row: ``0 .. k_b - 1`` for its top-k list, ``UNRANKED`` otherwise.
 
@@ -73,12 +81,22 @@ def row_ranks(
     to do when a tie decides the top-k list (two tied completions both in it, or one in it
     and one just outside); ties among completions left out of the list never matter:
 
-    - ``"error"`` (default): raise ``ValueError`` naming the row.
+    - ``"leave_out"`` (default): the list is the strictly ordered prefix, as ``"prefix"``,
+      of the completions that remain once every tied group scoring above the first untied
+      completion has left the assortment (``IGNORE``). ``scores = [3, 3, 2, 1]`` gives
+      ``[IGNORE, IGNORE, 0, 1]`` (completion 2 beats 3; the tied best are in no choice set),
+      ``[3, 2, 2, 1]`` gives ``[0, UNRANKED, UNRANKED, UNRANKED]``. It raises only when no
+      top-k list exists that orders no tie: when no completion holds a score of its own above
+      another's (all scores equal, or ``[2, 2, 1]``; :func:`has_ranking` is False).
     - ``"prefix"``: keep only the strictly ordered prefix of the list, the completions
       that beat everything after them. ``scores = [3, 2, 2, 1]`` gives the top-1 list
       ``[0, UNRANKED, UNRANKED, UNRANKED]``, since completions 1 and 2 tie for second. If the
-      best score itself is tied there is nothing to rank, and it raises (filter such rows out
-      of the dataset with this function, see docs/integration.md).
+      best score itself is tied there is nothing to rank, and it raises.
+    - ``"error"``: raise ``ValueError`` naming the row.
+
+    Under ``"leave_out"`` the MNL top-k loss is the exact negative log-likelihood of an event
+    the scores show: by Luce's choice axiom, Plackett-Luce restricted to the completions that
+    remain is Plackett-Luce on them (docs/losses.md, "Ties").
 
     ``scores`` and ``ranking`` may be lists, tuples, 1-d numpy arrays or tensors; ranking
     indices may be numpy or tensor integers (``np.argsort(-scores)``).
@@ -89,6 +107,18 @@ def row_ranks(
     of distinct completion indices, both or neither of ``scores`` and ``ranking``.
     """
     return _row_ranks(row, k, ties, _where(row, index))
+
+
+def has_ranking(scores: Sequence[float]) -> bool:
+    """Whether some completion holds a score of its own above another's: a top-k list exists that orders no tie.
+
+    ``ties="leave_out"`` ranks exactly the rows where it is True; ``rank_completions`` writes no
+    row where it is False (all scores equal, or only tied scores above the lowest).
+    """
+    counts: dict[float, int] = {}
+    for s in scores:
+        counts[s] = counts.get(s, 0) + 1
+    return any(n == 1 and s > min(counts) for s, n in counts.items())
 
 
 def _row_ranks(row: Mapping[str, Any], k: int | None, ties: str, where: str) -> list[int]:
@@ -107,6 +137,7 @@ def _row_ranks(row: Mapping[str, Any], k: int | None, ties: str, where: str) -> 
     if (scores is None) == (ranking is None):
         raise ValueError(f"{where}: give exactly one of 'scores' and 'ranking'")
     kk = n if k is None else min(k, n)
+    ranks = [UNRANKED] * n
     if ranking is not None:
         given = _feedback_list(ranking, "ranking", "completion indices", where)
         ranking = [_index(i) for i in given]
@@ -124,24 +155,34 @@ def _row_ranks(row: Mapping[str, Any], k: int | None, ties: str, where: str) -> 
             raise ValueError(f"{where}: scores must be finite, got {scores}")
         # Sort by score only; position never decides an order that is kept (ties below are checked).
         order = sorted(range(n), key=lambda j: -scores[j])
-        tied = [i for i in range(min(kk, n - 1)) if scores[order[i]] == scores[order[i + 1]]]
+        if ties == "leave_out":
+            if not has_ranking(scores):
+                raise ValueError(
+                    f"{where}: no completion holds a score of its own above another's (scores {scores}), so no "
+                    "top-k list exists that orders no tie; rank_completions writes no such row: filter it out"
+                )
+            first = next(i for i, j in enumerate(order) if scores.count(scores[j]) == 1)
+            for j in order[:first]:  # the tied groups above the first untied completion
+                ranks[j] = IGNORE
+            order = order[first:]
+            kk = min(kk, len(order))
+        tied = [i for i in range(min(kk, len(order) - 1)) if scores[order[i]] == scores[order[i + 1]]]
         if tied:
             i = tied[0]
             if ties == "error":
                 group = [j for j in range(n) if scores[j] == scores[order[i]]]
                 raise ValueError(
                     f"{where}: completions {group} tie at score {scores[order[i]]} and the tie decides the "
-                    f"top-{kk} list; pass ties='prefix' to keep only the strictly ordered part"
+                    f"top-{kk} list; pass ties='leave_out' or 'prefix' to keep only the strictly ordered part"
                 )
             if i == 0:
                 group = [j for j in range(n) if scores[j] == scores[order[0]]]
                 raise ValueError(
                     f"{where}: the best score {scores[order[0]]} is shared by completions {group}, so "
-                    "ties='prefix' leaves nothing to rank; filter such rows out of the dataset"
+                    "ties='prefix' leaves nothing to rank; use ties='leave_out', or filter such rows out"
                 )
             kk = i
         order = order[:kk]
-    ranks = [UNRANKED] * n
     for position, j in enumerate(order):
         ranks[j] = position
     return ranks
@@ -178,6 +219,53 @@ def is_conversational(x: Any) -> bool:
     return isinstance(x, Sequence) and not isinstance(x, str) and all(isinstance(m, Mapping) for m in x)
 
 
+def encode_prompt(tokenizer, prompt: Any, where: str = "prompt") -> tuple[str, list[int]]:
+    """The text a model continues for ``prompt``, and its token ids: the one encoding of a prompt.
+
+    A plain-text prompt is continued as it is, tokenized with the tokenizer's special tokens
+    (BOS); chat messages go through the chat template with the generation prompt and are
+    tokenized without added special tokens (the template writes them). The sampler of
+    :mod:`rcpo_losses.training.generate` feeds these ids to the model, and the collator puts
+    them before each completion (and checks a row's stored ``prompt_ids`` against them).
+
+    Raises ``ValueError`` naming ``where`` for an empty prompt (``""``, no messages, no token),
+    chat messages without a chat template, a chat template that refuses them (its own
+    ``raise_exception``), and a prompt that is neither text nor messages.
+    """
+    if isinstance(prompt, str):
+        text, special = prompt, True
+    elif is_conversational(prompt):
+        if not prompt:
+            raise ValueError(f"{where}: has no messages")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"{where}: is a list of chat messages, but the tokenizer has no chat template "
+                "(set tokenizer.chat_template, or give plain-text prompts)"
+            )
+        try:
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template's raise_exception (roles that do not alternate, ...) or a bad message
+            raise ValueError(f"{where}: the tokenizer's chat template refuses it: {e}") from e
+        special = False
+    else:
+        raise ValueError(f"{where}: the prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if not text:
+        raise ValueError(f"{where}: the prompt is empty")
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=special)["input_ids"]]
+    if not ids:
+        raise ValueError(f"{where}: the prompt is empty after tokenization")
+    return text, ids
+
+
+def completion_text(completion: Any) -> str | None:
+    """A completion's text: the string, or the content of a single assistant message; None for anything else."""
+    if isinstance(completion, str):
+        return completion
+    if is_conversational(completion) and len(completion) == 1 and isinstance(completion[0].get("content"), str):
+        return completion[0]["content"]
+    return None
+
+
 class RankedPreferenceCollator:
     """Tokenize rows of a prompt and its ranked completions into ``[B, S, L]`` tensors.
 
@@ -190,7 +278,8 @@ class RankedPreferenceCollator:
         max_prompt_length: cut prompts longer than this to their last ``max_prompt_length``
             tokens (the end, next to the completion), as TRL does; only when asked.
         k: longest top-k list kept (``None``: all that the feedback orders).
-        ties: what to do about tied scores, see :func:`row_ranks` (``"error"`` or ``"prefix"``).
+        ties: what to do about tied scores, see :func:`row_ranks`: ``"leave_out"`` (default),
+            ``"prefix"`` or ``"error"``.
         layout: ``"padded"`` (default): the ``[B, S, L]`` tensors below. ``"prefix_shared"``:
             all rows packed into one sequence, each prompt once followed by its completions,
             no padding (:func:`rcpo_losses.training.packing.pack_prefix_shared`): ``ranks`` and the keys
@@ -202,6 +291,19 @@ class RankedPreferenceCollator:
     goes through the chat template with the generation prompt; each completion (a list of
     assistant messages, or a string: one assistant message) is the rest of the template
     applied to prompt plus completion. Rows may have different numbers of completions.
+    ``truncated[j]`` True (a completion cut at a length cap) gives completion ``j`` no end
+    token: a plain one gets no EOS, a chat one only its content's tokens.
+
+    Sampled rows (:func:`rcpo_losses.training.generate.rank_completions`) carry
+    ``completion_ids`` (each completion's token ids as sampled, its end token included when
+    the model produced one) and ``prompt_ids``: the completion tokens are exactly those ids,
+    after the prompt's :func:`encode_prompt` ids, never re-tokenized and never given an end
+    token. Ids that the tokenizer cannot have produced for this row raise ``ValueError``
+    naming the row and the completion: ``prompt_ids`` that are not the prompt's encoding
+    (another tokenizer or chat template, an edited prompt), an id outside ``[0,
+    len(tokenizer))``, an empty list, or a completion text that is not what its ids decode to
+    (``tokenizer.decode(ids, skip_special_tokens=True)``, as the sampler decodes: an edited
+    completion, another tokenizer).
 
     Returns a dict of:
         - ``input_ids``: int64 ``(B, S, L)``, right-padded with ``pad_token_id`` (EOS, else 0).
@@ -209,7 +311,8 @@ class RankedPreferenceCollator:
         - ``completion_mask``: bool ``(B, S, L)``, True on completion tokens.
         - ``ranks``: int64 ``(B, S)``: ``0..k_b-1``, ``UNRANKED``, and ``IGNORE`` for the slots
           past a row's completions. Those slots hold the prompt alone (attended, so a model can
-          run on them) with an empty completion mask.
+          run on them) with an empty completion mask. A completion that ``ties="leave_out"``
+          takes out of the assortment is ``IGNORE`` too, its tokens in place.
         - ``token_hash``: int64 ``(B,)``, each row's :func:`token_hash` (its prompt and completion
           token ids as collated); ``precompute_reference_stats`` stores it as ``ref_token_hash``.
         - ``ref_logps``, ``ref_entropy_sums``: fp32 ``(B, S)`` (fp64 for an fp64 model's values),
@@ -231,7 +334,7 @@ class RankedPreferenceCollator:
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         k: int | None = None,
-        ties: str = "error",
+        ties: str = "leave_out",
         layout: str = "padded",
     ):
         for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length), ("k", k)):
@@ -263,9 +366,17 @@ class RankedPreferenceCollator:
     def _tokenize_row(self, row: Mapping[str, Any], where: str) -> tuple[list[int], list[list[int]]]:
         """Token ids of the prompt and of each completion (untruncated)."""
         prompt, completions = row.get("prompt"), row["completions"]
+        truncated = row.get("truncated")
+        if truncated is not None and (isinstance(truncated, (str, Mapping)) or len(truncated) != len(completions)):
+            raise ValueError(f"{where}: 'truncated' must be a list of one flag per completion, got {truncated!r}")
+        cut = [bool(t) for t in truncated] if truncated is not None else [False] * len(completions)
+        if row.get("completion_ids") is not None:
+            return self._sampled_ids(row, where)
+        if row.get("prompt_ids") is not None:
+            raise ValueError(f"{where}: has 'prompt_ids' but no 'completion_ids'; give both, or neither")
         if is_conversational(prompt):
+            prompt_text, prompt_ids = encode_prompt(self.tokenizer, prompt, where)
             template = self.tokenizer.apply_chat_template
-            prompt_text = template(list(prompt), tokenize=False, add_generation_prompt=True)
             outs = []
             for j, completion in enumerate(completions):
                 messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
@@ -277,8 +388,17 @@ class RankedPreferenceCollator:
                         f"{where}: the chat template of prompt + completion {j} does not start with the "
                         "template of the prompt alone, so the completion tokens cannot be told apart"
                     )
-                outs.append(self._ids(full[len(prompt_text) :], False))
-            return self._ids(prompt_text, False), outs
+                rest = full[len(prompt_text) :]
+                if cut[j]:  # the model wrote the content alone: no end-of-turn token after it
+                    content = completion_text(messages)
+                    if content is None or not rest.startswith(content):
+                        raise ValueError(
+                            f"{where}: completion {j} is truncated, but the chat template does not write its "
+                            "content first, so its end token cannot be left off; store its completion_ids"
+                        )
+                    rest = content
+                outs.append(self._ids(rest, False))
+            return prompt_ids, outs
         if not isinstance(prompt, str):
             raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
         eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
@@ -286,8 +406,49 @@ class RankedPreferenceCollator:
         for j, completion in enumerate(completions):
             if not isinstance(completion, str):
                 raise ValueError(f"{where}: completion {j} must be a string for a plain-text prompt")
-            outs.append(self._ids(completion, False) + eos)
+            outs.append(self._ids(completion, False) + ([] if cut[j] else eos))
         return self._ids(prompt, True), outs
+
+    def _sampled_ids(self, row: Mapping[str, Any], where: str) -> tuple[list[int], list[list[int]]]:
+        """A sampled row's prompt ids and ``completion_ids``, checked against the tokenizer (see the class)."""
+        completions, stored = row["completions"], row["completion_ids"]
+        if isinstance(stored, (str, Mapping)) or not isinstance(stored, Iterable):
+            raise ValueError(f"{where}: 'completion_ids' must be a list of token-id lists, got {type(stored).__name__}")
+        stored = list(stored)
+        if len(stored) != len(completions):
+            raise ValueError(f"{where}: {len(stored)} completion_ids for {len(completions)} completions")
+        _, prompt_ids = encode_prompt(self.tokenizer, row.get("prompt"), where)
+        given = row.get("prompt_ids")
+        if given is not None:
+            given = [_index(t) for t in given]
+            if given != prompt_ids:
+                at = next((t for t, (a, b) in enumerate(zip(given, prompt_ids, strict=False)) if a != b),
+                          min(len(given), len(prompt_ids)))  # fmt: skip
+                raise ValueError(
+                    f"{where}: 'prompt_ids' ({len(given)} tokens) are not the tokenizer's encoding of the prompt "
+                    f"({len(prompt_ids)} tokens; they differ from token {at} on): sampled with another tokenizer "
+                    "or chat template, or the prompt was edited"
+                )
+        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        decode = getattr(self.tokenizer, "decode", None)
+        outs = []
+        for j, ids in enumerate(stored):
+            ids = None if isinstance(ids, (str, Mapping)) or not isinstance(ids, Iterable) else [_index(t) for t in ids]
+            if not ids or any(t is None or t < 0 or (vocab is not None and t >= vocab) for t in ids):
+                raise ValueError(
+                    f"{where}: completion_ids[{j}] must be a nonempty list of token ids in [0, {vocab}), "
+                    f"got {stored[j]!r}"
+                )
+            text = completion_text(completions[j])
+            if text is not None and decode is not None:
+                found = decode(ids, skip_special_tokens=True)
+                if found != text:
+                    raise ValueError(
+                        f"{where}: completion {j} is {text[:40]!r}, but its completion_ids decode to {found[:40]!r}: "
+                        "the row was edited, or sampled with another tokenizer"
+                    )
+            outs.append(ids)
+        return prompt_ids, outs
 
     def __call__(self, rows: Sequence[Mapping[str, Any]], indices: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Collate ``rows``; ``indices[b]``, the dataset index of ``rows[b]`` where known, names it in errors."""
@@ -318,7 +479,7 @@ class RankedPreferenceCollator:
             sequences.append((prompt, completions))
         B, S = len(rows), max(len(r) for r in ranks)
         hashes = torch.tensor([token_hash(p, cs) for p, cs in sequences], dtype=torch.int64)
-        refs = {"token_hash": hashes, **reference_columns(rows, sequences, hashes, S, wheres)}
+        refs = {"token_hash": hashes, **reference_columns(rows, sequences, hashes, S, wheres, ranks)}
         if self.layout == "prefix_shared":
             return self._prefix_shared(sequences, ranks, S, refs)
         L = max(len(p) + len(c) for p, cs in sequences for c in cs)
@@ -357,7 +518,12 @@ class RankedPreferenceCollator:
 
 
 def reference_columns(
-    rows: Sequence[Mapping[str, Any]], sequences: list, hashes: Tensor, S: int, wheres: Sequence[str]
+    rows: Sequence[Mapping[str, Any]],
+    sequences: list,
+    hashes: Tensor,
+    S: int,
+    wheres: Sequence[str],
+    ranks: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Tensor]:
     """The rows' precomputed ``ref_*`` columns as ``(B, S)`` tensors (0 in padding slots); ``{}`` if none has them.
 
@@ -365,7 +531,9 @@ def reference_columns(
     ``hashes[b]`` their :func:`token_hash`. Statistics computed on other tokens (another
     completion count or tokenization, an edited prompt, another ``max_length`` or
     ``max_prompt_length``: the row's ``ref_token_hash`` differs) raise ``ValueError`` naming the
-    row (``wheres[b]``), so stale numbers are never paired with new text. ``ref_logps`` and
+    row (``wheres[b]``), so stale numbers are never paired with new text. A completion that
+    ``ranks[b]`` leaves out of the assortment (``IGNORE``, ``ties="leave_out"``) has statistics
+    0 and length 0, as :func:`rcpo_losses.response_stats` gives it. ``ref_logps`` and
     ``ref_entropy_sums`` are fp32, or fp64 when a stored value is not an fp32 number (an fp64
     model's statistics): never rounded.
     """
@@ -387,6 +555,8 @@ def reference_columns(
                 "precompute them for every row (rcpo_losses.precompute_reference_stats)"
             )
         lengths = [len(c) for c in sequences[b][1]]
+        if ranks is not None:
+            lengths = [0 if r == IGNORE else n for n, r in zip(lengths, ranks[b], strict=True)]
         n = len(lengths)
         stored = [list(row[name]) for name in REF_COLUMNS]
         if any(len(values) != n for values in stored) or [int(x) for x in stored[2]] != lengths:

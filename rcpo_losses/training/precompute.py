@@ -29,6 +29,7 @@ __all__ = [
     "REF_COLUMNS",
     "has_reference_stats",
     "precompute_reference_stats",
+    "rows_without_reference_stats",
     "with_reference_columns",
 ]
 
@@ -60,8 +61,9 @@ def precompute_reference_stats(
         - ``ref_lengths``: :math:`|y_i|`, the completion tokens counted, which the collator checks;
 
     and one value per row, ``ref_token_hash``: the collator's fingerprint of the prompt and
-    completion token ids the statistics were computed on (:func:`rcpo_losses.training.data.token_hash`).
-    Collated again with other tokens (an edited prompt, another ``max_prompt_length``), the row
+    completion token ids the statistics were computed on (:func:`rcpo_losses.training.data.token_hash`;
+    for a sampled row, its ``prompt_ids`` and ``completion_ids`` as collated).
+    Collated again with other tokens (an edited prompt or id, another ``max_prompt_length``), the row
     raises ``ValueError`` naming it. The values are stored unrounded (fp32 numbers for an fp32 or
     bf16 model, fp64 for an fp64 one).
 
@@ -128,11 +130,20 @@ def precompute_reference_stats(
     return out
 
 
-def with_reference_columns(rows, columns: Mapping[str, Sequence]):
-    """``rows`` with the columns ``columns[name]`` (one value per row: ``PRECOMPUTED_COLUMNS``), replacing any there.
+def with_reference_columns(rows, columns: Mapping[str, Sequence], positions: Sequence[int] | None = None):
+    """``rows`` with the columns ``columns[name]`` (``PRECOMPUTED_COLUMNS``), replacing any there.
 
-    A ``datasets.Dataset`` gets Arrow columns (a new ``Dataset``), a list of dicts new dicts.
+    ``columns[name]`` holds one value per row, or with ``positions`` one value for each of the
+    rows at those positions, the other rows keeping theirs (``None`` where they have none). A
+    ``datasets.Dataset`` gets Arrow columns (a new ``Dataset``), a list of dicts new dicts.
     """
+    if positions is not None:
+        positions = list(positions)
+        full = {name: _column(rows, name) for name in columns}
+        for name, values in columns.items():
+            for i, value in zip(positions, values, strict=True):
+                full[name][i] = value
+        columns = full
     if hasattr(rows, "column_names") and hasattr(rows, "add_column"):
         rows = rows.remove_columns([name for name in columns if name in rows.column_names])
         for name, values in columns.items():
@@ -141,14 +152,52 @@ def with_reference_columns(rows, columns: Mapping[str, Sequence]):
     return [{**row, **{name: values[i] for name, values in columns.items()}} for i, row in enumerate(rows)]
 
 
+def _column(rows, name: str) -> list:
+    """Each row's value of column ``name`` (``None`` where it has none), as a list."""
+    if hasattr(rows, "column_names") and hasattr(rows, "add_column"):
+        return list(rows[name]) if name in rows.column_names else [None] * len(rows)
+    return [row.get(name) for row in rows]
+
+
+def is_stream(rows) -> bool:
+    """Whether ``rows`` is iterable only (a ``datasets.IterableDataset``, a torch ``IterableDataset``, no ``len``)."""
+    return isinstance(rows, torch.utils.data.IterableDataset) or not hasattr(rows, "__len__")
+
+
+def rows_without_reference_stats(rows) -> list[int]:
+    """The positions of the rows that lack one of the ``PRECOMPUTED_COLUMNS`` (absent, or ``None``).
+
+    ``rows``: a ``datasets.Dataset`` (its Arrow columns are checked, not its rows read) or a
+    sequence of row dicts. A stream (``datasets.IterableDataset``) cannot be checked before it
+    is read: ``TypeError``.
+    """
+    if is_stream(rows):
+        raise TypeError(f"rows: a map-style dataset (a datasets.Dataset or a list of rows), got {type(rows).__name__}")
+    if hasattr(rows, "column_names") and hasattr(rows, "add_column"):
+        if not all(name in rows.column_names for name in PRECOMPUTED_COLUMNS):
+            return list(range(len(rows)))
+        import numpy as np
+
+        table = rows.with_format("arrow")
+        absent = np.zeros(len(rows), dtype=bool)
+        for name in PRECOMPUTED_COLUMNS:
+            absent |= table[name].is_null().to_numpy(zero_copy_only=False)
+        return np.flatnonzero(absent).tolist()
+    return [i for i, row in enumerate(rows) if any(row.get(name) is None for name in PRECOMPUTED_COLUMNS)]
+
+
 def has_reference_stats(rows) -> bool:
-    """Whether ``rows`` (a ``datasets.Dataset`` or a list of row dicts) carry all the ``ref_*`` columns."""
+    """Whether every row of ``rows`` carries all the ``ref_*`` columns (``PRECOMPUTED_COLUMNS``).
+
+    ``rows``: a ``datasets.Dataset``, a list of row dicts, or a dict of those (every one of
+    them); a stream (``datasets.IterableDataset``): whether its columns include them (its rows
+    are checked as they are collated).
+    """
     if rows is None:
         return False
-    names = getattr(rows, "column_names", None)
-    if names is None:
-        try:
-            names = list(rows[0]) if len(rows) else []
-        except (TypeError, KeyError, IndexError):
-            return False
-    return all(name in names for name in REF_COLUMNS)
+    if isinstance(rows, Mapping):  # a dict of datasets (eval_dataset); a row itself is not rows
+        return bool(rows) and all(has_reference_stats(r) for r in rows.values())
+    if is_stream(rows):
+        names = getattr(rows, "column_names", None) or []
+        return all(name in names for name in PRECOMPUTED_COLUMNS)
+    return len(rows) > 0 and not rows_without_reference_stats(rows)
