@@ -27,8 +27,8 @@ from transformers import Trainer
 
 from ..ranks import IGNORE
 from ..tokens.lm_head import eval_mode
-from .data import is_conversational
-from .generate import RewardModel, batch_seed, encode_prompt_rows, rank_samples, sample_completions
+from .data import encode_prompt, is_conversational
+from .generate import RewardModel, batch_seed, rank_samples, sample_completions
 from .trainer import RCPOTrainer, kendall_tau
 
 # A prompt-only dataset: these columns mean the rows carry completions or feedback already.
@@ -216,7 +216,9 @@ class OnlineRCPOTrainer(RCPOTrainer):
             raise ValueError("precompute_ref: the samples are new at every step; the reference runs on each")
         self.num_generations = int(_from_args(args, "num_generations", num_generations, 5))
         if self.num_generations < 2:
-            raise ValueError(f"num_generations: a ranking needs at least 2 completions per prompt, got {self.num_generations}")
+            raise ValueError(
+                f"num_generations: a ranking needs at least 2 completions per prompt, got {self.num_generations}"
+            )
         self.max_completion_length = int(_from_args(args, "max_completion_length", max_completion_length, 256))
         if self.max_completion_length < 1:
             raise ValueError(f"max_completion_length: expected a positive int, got {self.max_completion_length}")
@@ -346,12 +348,15 @@ class OnlineRCPOTrainer(RCPOTrainer):
         """
         policy = self.accelerator.unwrap_model(self.model)
         t0 = time.perf_counter()
-        prompts, prompt_ids = encode_prompt_rows(self.processing_class, rows)
+        prompts = [row["prompt"] for row in rows]
+        encoded = [encode_prompt(self.processing_class, p, f"prompt {_start(p)}") for p in prompts]
+        texts, prompt_ids = [text for text, _ in encoded], [ids for _, ids in encoded]
         with torch.no_grad(), eval_mode(policy):
             samples, sampled_tokens = sample_completions(
                 policy,
                 self.processing_class,
                 prompts,
+                texts,
                 prompt_ids,
                 num_samples=self.num_generations,
                 max_new_tokens=self.max_completion_length,
@@ -411,6 +416,7 @@ class OnlineRCPOTrainer(RCPOTrainer):
     # ------------------------------------------------------------------ the step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()  # as Trainer.training_step does: a skipped micro-batch does not reach it
         batch, metrics = self.sample_and_rank(_prompt_rows(inputs))
         t0 = time.perf_counter()
         if batch is None:  # every group tied: nothing to rank (GRPO's zero advantages)
