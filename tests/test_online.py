@@ -300,3 +300,24 @@ def test_two_processes_sample_their_own_groups_whole_and_stay_in_sync(tmp_path, 
     if reward_name == "rank_zero_ties":
         assert all(r["seen"][step]["groups"] == [] for r in results[:1] for step in range(2))
         assert all(h["frac_reward_zero_std"] >= 0.5 for h in results[0]["logs"])  # process 0: all of its groups
+
+
+# ------------------------------------------------------------------ evaluation and PEFT
+
+
+def test_evaluate_samples_the_eval_prompts(tmp_path):
+    trainer = make_trainer(tmp_path, reward=share_good, steps=1)
+    metrics = trainer.evaluate([{"prompt": p} for p in PROMPTS[:4]])
+    for name in ("reward", "frac_reward_zero_std", "completions/mean_length", "time/sampling"):
+        assert math.isfinite(metrics[f"eval_{name}"]), name
+    assert metrics["eval_kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference yet
+
+
+def test_a_peft_policy_is_its_own_reference(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = make_trainer(tmp_path, reward=share_good, steps=2, model=model)
+    assert trainer.ref_model is None and trainer.peft_reference
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "kl" in h]
+    assert logs and logs[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA starts at the base: log pi = log pi_ref
