@@ -8,7 +8,7 @@
   ``training/``. Façades stand outside the order: the package ``__init__`` (it re-exports
   ``response_stats`` and ``precompute_reference_stats``), the old dotted paths kept for one release
   (``generate``, ``data``, ``precompute``, ``integrations.*``) and the ``demo``;
-- modules import only the standard library, torch, numpy and triton when loaded, except the trainer
+- modules import only the standard library, torch, numpy and triton when loaded, except the trainers
   (a ``transformers.Trainer``): the rest import transformers, peft and the like inside functions;
 - every kernel file (one that defines a ``@triton.jit`` function ``*_kernel``) has a PyTorch twin
   ``rcpo_losses/reference/<same name>.py``, and each names the other in its docstring.
@@ -27,7 +27,7 @@ PACKAGE = "rcpo_losses"
 KERNELS = ROOT / "kernels" / "rcpo_kernels"  # shipped as rcpo_losses.kernels (pyproject.toml's package-dir)
 LAYERS = {"tokens": 1, "training": 2}  # subpackage -> layer; every other module is layer 0 (the choice losses)
 FACADES = ("generate", "data", "precompute", "integrations", "demo")  # beside the order (and the package __init__)
-LOADS_A_LIBRARY = (f"{PACKAGE}.training.trainer",)  # modules that may import transformers when loaded
+LOADS_A_LIBRARY = (f"{PACKAGE}.training.trainer", f"{PACKAGE}.training.online")  # transformers.Trainer subclasses
 ALLOWED_AT_LOAD = {"torch", "numpy", "triton", PACKAGE}  # besides the standard library
 
 

@@ -207,10 +207,11 @@ def hf_generate(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    top_k: int = 0,
 ) -> tuple[list[list[Sample]], int]:
     """Sample ``num_samples`` completions of each prompt's ids with ``model.generate``; ``(samples, tokens sampled)``.
 
-    Plain sampling (:func:`plain_sampling`): ``temperature`` and ``top_p``, no top-k, nothing from
+    Plain sampling (:func:`plain_sampling`): ``temperature``, ``top_p`` and ``top_k`` (0: none), nothing from
     the model's ``generation_config`` but its token ids. A completion ends at the first end
     token (the model's ``eos_token_id`` values and the tokenizer's EOS), which its ids keep; one
     with none within ``max_new_tokens`` is ``truncated``. Its text is decoded without special
@@ -232,7 +233,7 @@ def hf_generate(
             do_sample=True,
             temperature=temperature,
             top_p=top_p,
-            top_k=0,  # temperature and top_p alone, as the paper's vLLM sampling (transformers defaults to 50)
+            top_k=top_k,  # 0: temperature and top_p alone, as the paper's vLLM sampling (transformers defaults to 50)
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_samples,
             pad_token_id=pad,
@@ -824,8 +825,13 @@ def rank_completions(
                 todo = missing(indices) if output is not None else indices
                 if not todo:
                     continue
-                samples = _sample(model, tokenizer, texts, prompt_ids, rows_in, indices, num_samples, max_new_tokens,
-                                  temperature, top_p, batch_seed(seed, b), generate, stats)  # fmt: skip
+                samples, tokens = sample_completions(
+                    model, tokenizer, [items[i] for i in indices], [texts[i] for i in indices],
+                    [prompt_ids[i] for i in indices], num_samples=num_samples, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seed=batch_seed(seed, b), generate=generate,
+                    names=[_name(i, rows_in[i][0]) for i in indices],
+                )  # fmt: skip
+                stats.generated_tokens += tokens
                 # The whole batch is scored, written rows included: a reward may depend on its batch (padding).
                 ranked = rank_samples([items[i] for i in indices], samples, reward,
                                       prompt_ids=[prompt_ids[i] for i in indices], indices=indices)  # fmt: skip
@@ -865,36 +871,57 @@ def _qualname(function: Callable) -> str:
     return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', type(function).__name__)}"
 
 
-def _sample(model, tokenizer, texts, prompt_ids, rows_in, indices, num_samples, max_new_tokens, temperature, top_p,
-            seed, generate, stats) -> list[list[Sample]]:  # fmt: skip
-    """The samples of the batch ``indices``, sampled under ``seed``, one list per prompt."""
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[Any],
+    texts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int] | None],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int = 0,
+    seed: int,
+    generate: Callable | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[list[list[Sample]], int]:
+    """``num_samples`` completions of each prompt, sampled under ``seed``: ``(samples per prompt, tokens sampled)``.
+
+    The one sampler of the library: :func:`rank_completions` and the online trainer
+    (:class:`~rcpo_losses.training.online.OnlineRCPOTrainer`) both call it. With ``generate=None``,
+    :func:`hf_generate` on ``prompt_ids`` (:func:`~rcpo_losses.training.data.encode_prompt`), seeded
+    without touching the caller's generator; else ``generate(texts, num_samples, seed)``, whose
+    completions may be strings, ``(text, truncated)``, ``(text, truncated, ids)`` or :class:`Sample`
+    (tokens sampled: 0, as the hook does not say). ``names`` name the prompts in errors.
+    """
+    names = [_name(i, p) for i, p in enumerate(prompts)] if names is None else list(names)
     if generate is not None:
-        found = list(generate([texts[i] for i in indices], num_samples, seed))
-        if len(found) != len(indices):
-            raise ValueError(f"generate: returned {len(found)} lists of completions for {len(indices)} prompts")
+        found = list(generate(list(texts), num_samples, seed))
+        if len(found) != len(texts):
+            raise ValueError(f"generate: returned {len(found)} lists of completions for {len(texts)} prompts")
         result = []
-        for i, completions in zip(indices, found, strict=True):
-            samples = [_as_sample(c, i, rows_in[i][0]) for c in completions]
+        for name, completions in zip(names, found, strict=True):
+            samples = [_as_sample(c, name) for c in completions]
             if len(samples) != num_samples:
-                raise ValueError(f"generate: returned {len(samples)} completions for {_name(i, rows_in[i][0])}, "
+                raise ValueError(f"generate: returned {len(samples)} completions for {name}, "
                                  f"expected num_samples = {num_samples}")  # fmt: skip
             if len({s.ids is None for s in samples}) > 1:
-                raise ValueError(f"generate: gave token ids for some completions of {_name(i, rows_in[i][0])} only")
+                raise ValueError(f"generate: gave token ids for some completions of {name} only")
             result.append(samples)
-        return result
+        return result, 0
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        found, tokens = hf_generate(
-            model, tokenizer, [prompt_ids[i] for i in indices], num_samples=num_samples,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        return hf_generate(
+            model, tokenizer, list(prompt_ids), num_samples=num_samples, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k,
         )  # fmt: skip
-    stats.generated_tokens += tokens
-    return found
 
 
-def _as_sample(completion: Any, index: int, prompt: Any) -> Sample:
+def _as_sample(completion: Any, name: str) -> Sample:
     """What a ``generate=`` callable returned for one completion, as a :class:`Sample`."""
     if isinstance(completion, Sample):
         return completion
@@ -905,7 +932,7 @@ def _as_sample(completion: Any, index: int, prompt: Any) -> Sample:
         ids = None if len(completion) == 2 or completion[2] is None else tuple(int(t) for t in completion[2])
         return Sample(completion[0], ids, cut)
     raise ValueError(
-        f"generate: returned {completion!r} for {_name(index, prompt)}; a completion is a string, (text, truncated), "
+        f"generate: returned {completion!r} for {name}; a completion is a string, (text, truncated), "
         "(text, truncated, token ids) or a Sample"
     )
 
