@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def zoo_model(family: str, dtype: torch.dtype = torch.float64, attn: str = "sdpa
 @pytest.fixture
 def fresh_checks(monkeypatch):
     """The first-seen probe runs again in this test (models of one config are checked once per process)."""
-    monkeypatch.setattr(model_stats, "_VERIFIED", set())
+    monkeypatch.setattr(model_stats, "_VERIFIED", weakref.WeakKeyDictionary())
 
 
 @pytest.mark.usefixtures("fp64_softmax")
