@@ -8,6 +8,7 @@ the zoo's (tests/test_prefix_shared_zoo.py), which runs this path for every ``sd
 
 from __future__ import annotations
 
+import os
 import shutil
 import types
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from rcpo_losses.training.data import RankedPreferenceCollator
 from rcpo_losses.training.packing import dense_attention_mask, pack_prefix_shared
 from rcpo_losses.training.segment_attention import KWARG, Segments, segment_attention_forward, segment_bounds, segments
+from tests import peak_memory
 from tests.test_prefix_shared import WINDOW, IntTokenizer, fp64_softmax, random_rows  # noqa: F401 (a fixture)
 
 LIMITS = {"full": (None, None), "sliding": (WINDOW, None), "chunked": (None, WINDOW)}
@@ -202,3 +204,52 @@ def test_activation_checkpointing_recomputes_the_segments(how, monkeypatch):
     assert want_grads.keys() == got_grads.keys() and want_grads
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_compiled_model_keeps_a_bounded_number_of_graphs():
+    """``torch.compile(model)`` over 14 batches of varied layouts: the segment attention runs eagerly between the
+    model's graphs (a graph break each), whose packed length is dynamic; no graph per layout (each would be a
+    recompile, until dynamo's limit sends the rest of the run back to eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rcpo_losses import response_stats
+    from tests.test_prefix_shared_zoo import rows_of, zoo_model
+
+    torch._dynamo.reset()
+    model = zoo_model("llama", torch.float32, num_hidden_layers=1)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for i in range(14):
+        rows = []
+        for r in range(1 + i % 3):
+            lengths = torch.randint(0, 9, (int(torch.randint(2, 5, (), generator=g)),), generator=g).tolist()
+            rows += rows_of(int(torch.randint(1, 9, (), generator=g)), lengths, seed=100 * i + r)
+        with torch.no_grad():
+            response_stats(compiled, RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows))
+        graphs.append(counter.frame_count)
+    # the first batch compiles each piece with static shapes, the second with dynamic ones; then none
+    assert graphs[1] == graphs[-1] <= 2 * graphs[0], graphs
+
+
+MEMORY_SCRIPT = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
+import segment_attention_memory as bench
+print(json.dumps(bench.measure(sys.argv[2], sys.argv[3], start, peak, timed=False)))
+"""
+
+
+@pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc and relies on glibc malloc")
+def test_memory_at_most_the_dense_masks():
+    """Issue 32's shape at half size: a 1,000-token prompt, 16 completions of about 20 tokens, 16 query heads on 2
+    key/value heads, bf16, forward and backward (``benchmarks/segment_attention_memory.py``, shape ``issue_half``).
+
+    The segments hold no copy of the prompt's keys per completion and repeat no key/value heads: their peak is at
+    most the dense mask's (as transformers runs it: bool ``[P, P]`` mask, heads repeated)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dense, ours = (
+        peak_memory.run(MEMORY_SCRIPT, root, path, "issue_half")["peak_bytes"] for path in ("dense", "segments")
+    )
+    assert ours <= dense, f"segments {ours / 1e6:.0f} MB, dense {dense / 1e6:.0f} MB"

@@ -613,6 +613,8 @@ def response_stats(
         check_prefix_shared(model, batch)
         inputs = packed_forward_inputs(model, batch)
         index, targets, response = batch["target_index"], batch["target_ids"], batch["target_response"]
+        for x in (ids, inputs["position_ids"], index):  # a compiled model: one graph for every packed length
+            torch._dynamo.maybe_mark_dynamic(x, x.dim() - 1)
     else:
         ids, inputs, index, targets, response = _padded_inputs(batch)
     if fused_linear:
