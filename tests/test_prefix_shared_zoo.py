@@ -305,6 +305,25 @@ def test_the_probe_reaches_every_length_a_batch_reaches(family, field, fresh_che
             response_stats(model, long)
 
 
+def test_sharded_ranks_probe_the_longest_batch_of_any_rank(monkeypatch, fresh_checks, tmp_path):
+    """A sharded model's forward gathers parameters from every rank: all run the same probe, or none. This rank's
+    batch is short; another's reaches GPT-Neo's window (the all-reduce's answer): the probe here reaches it too."""
+    model = zoo_model("gpt_neo")
+    short = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows_of(4, [8, 6]))
+    asked = []
+    monkeypatch.setattr(model_stats, "_sharded", lambda m: True)
+    monkeypatch.setattr(model_stats, "_largest_across_ranks", lambda t, n: asked.append((t, n)) or (max(t, 41), 30))
+    with torch.no_grad(), pytest.raises(ValueError, match="window_size = 24"):
+        response_stats(model, short)
+    assert asked and max(n for _, n in asked) < 24
+    monkeypatch.undo()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert model_stats._largest_across_ranks(5, 7) == (5, 7)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_length_thresholds():
     config = transformers.Phi3Config(**COMMON, sliding_window=7, original_max_position_embeddings=16, rope_parameters={
         "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 16,

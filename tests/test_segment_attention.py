@@ -121,6 +121,27 @@ def test_equals_the_dense_mask_values_and_gradients(layer_type, compiled):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer_type", list(LIMITS))
+def test_one_call_per_row_equals_the_dense_mask(layer_type, monkeypatch):
+    """The path of attention dropout (and of other devices): one ``sdpa`` call per row with the row's mask."""
+    from rcpo_losses.training import segment_attention
+
+    monkeypatch.setattr(segment_attention, "_blocks", lambda query, dropout: False)
+    batch = packed_batch()
+    layout = segments(batch, {"full": (None, None), layer_type: LIMITS[layer_type]})
+    q, k, v = qkv(batch["input_ids"].shape[-1])
+    got, _ = segment_attention_forward(module(layer_type), q, k, v, None, scaling=0.3, **{KWARG: layout})
+    want = dense_attention(batch, q, k, v, *LIMITS[layer_type], scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    dropped, _ = segment_attention_forward(module(layer_type, training=True), q, k, v, None, dropout=0.5,
+                                           **{KWARG: layout})  # fmt: skip
+    assert dropped.shape == got.shape and not torch.equal(dropped, got)
+
+
 def test_refuses_what_it_cannot_compute():
     batch = packed_batch()
     layout = segments(batch, {None: (None, None)})

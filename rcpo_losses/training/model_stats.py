@@ -269,8 +269,8 @@ def prefix_shared_problem(model: nn.Module, batch=None, *, verify: bool | None =
     ``eps = 1e-6`` in fp64, ``2e-3`` in fp32, ``4e-2`` for bf16/fp16 or when the forward runs
     under autocast (seen inside the forward): :func:`~rcpo_losses.tokens.lm_head.check_tolerance`, that of
     :func:`~rcpo_losses.tokens.lm_head.check_lm_head_spec`. The padded side runs each sequence
-    alone, and, if that differs, as one right-padded batch (a RoPE whose scaling follows the
-    batch's longest sequence, dynamic NTK, longrope). A family whose attention depends on
+    alone, and, if that differs beyond the tolerance, as one right-padded batch (a RoPE whose
+    scaling follows the batch's longest sequence: dynamic NTK, longrope). A family whose attention depends on
     anything but the mask and the position ids (a bias over sequence indices, positions from
     ``arange``, a mask it builds itself) differs there.
 
@@ -283,12 +283,12 @@ def prefix_shared_problem(model: nn.Module, batch=None, *, verify: bool | None =
     packed length is at least ``min(P, t + 1)`` for each such ``t`` and its longest sequence
     ``min(L, t + 1)`` (``L`` read from ``position_ids`` only when ``P`` does not settle it). So a
     batch of 432 tokens on GPT-Neo (``window_size`` 256) gets a probe of 257-token sequences,
-    which GPT-Neo's own window fails. The probe then runs inside that step, on this process
-    alone: on a sharded model (FSDP, DeepSpeed ZeRO-3) under ``torch.distributed`` that would
-    block the other ranks, so it is refused with a message instead (call
-    ``check_prefix_shared(model, batch)`` on every rank with the longest batch before training).
-    Cost: one forward of each layout on about ``max(w + 30, t)`` tokens (``w`` the longest
-    window or chunk), once per key and threshold reached. ``verify=False`` (or
+    which GPT-Neo's own window fails. The probe then runs inside that step; on a sharded model
+    (FSDP, DeepSpeed ZeRO-3) under ``torch.distributed`` the ranks first agree on the largest
+    lengths (one small all-reduce per call), so that all run the same probe or none. Cost: one
+    forward of each layout on about ``max(w + 30, t)`` tokens (``w`` the longest window or
+    chunk), once per key and threshold reached (the padded batch, ``6 x`` the longest
+    sequence, only where the sequences alone differ). ``verify=False`` (or
     ``rcpo_losses.training.model_stats.VERIFY = False``) skips the probe.
     """
     reason = prefix_shared_support(model)
@@ -298,15 +298,10 @@ def prefix_shared_problem(model: nn.Module, batch=None, *, verify: bool | None =
     key = _fingerprint(inner)
     verdict = _VERIFIED.get(inner, {}).get(key)
     tokens, length = (0, 0) if batch is None else _needed_reach(inner, batch, verdict)
+    if _sharded(model):  # its forward gathers parameters across ranks: every rank runs the same probe, or none
+        tokens, length = _largest_across_ranks(tokens, length)
     if verdict is not None and tokens <= verdict.tokens and length <= verdict.length:
         return None
-    if verdict is not None and _sharded(model):
-        return (
-            f"{_family(inner)}: this batch reaches {_reached(inner, tokens, length)}, which the probe has not "
-            "reached, and a probe now would run on this rank alone of a sharded model; call "
-            "rcpo_losses.training.model_stats.check_prefix_shared(model, batch) with the longest batch on every "
-            "rank before training"
-        )
     if verdict is not None:
         tokens, length = max(tokens, verdict.tokens), max(length, verdict.length)
     rows = _probe_rows(_config(inner), inner.get_input_embeddings().weight.shape[0], tokens, length)
@@ -367,12 +362,6 @@ def _needed_reach(inner: nn.Module, batch, verdict: _Verdict | None) -> tuple[in
     return tokens, _need(thresholds, length)
 
 
-def _reached(inner: nn.Module, tokens: int, length: int) -> str:
-    fields = length_thresholds(_config(inner))
-    hit = [f"{k.removeprefix('config.')} = {v}" for k, v in fields.items() if v < max(tokens, length)]
-    return ", ".join(hit) if hit else f"{max(tokens, length)} tokens"
-
-
 def _reach_note(inner: nn.Module, tokens: int, length: int) -> str:
     fields = length_thresholds(_config(inner))
     hit = [f"{k.removeprefix('config.')} = {v}" for k, v in fields.items() if v < max(tokens, length)]
@@ -380,7 +369,7 @@ def _reach_note(inner: nn.Module, tokens: int, length: int) -> str:
 
 
 def _sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s forward gathers parameters across ranks (FSDP, DeepSpeed ZeRO-3, DTensor)."""
+    """Whether ``model``'s forward gathers parameters across ranks (FSDP, DeepSpeed ZeRO-3, DTensor parameters)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     if torch.distributed.get_world_size() < 2:
@@ -389,6 +378,15 @@ def _sharded(model: nn.Module) -> bool:
     if any(names & {c.__name__ for c in type(m).__mro__} for m in model.modules()):
         return True
     return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _largest_across_ranks(tokens: int, length: int) -> tuple[int, int]:
+    """The largest ``(tokens, length)`` over the ranks (one small all-reduce; every rank checks every batch)."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    both = torch.tensor([tokens, length], device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return tuple(both.tolist())
 
 
 def _probe_rows(config, vocab: int, tokens: int = 0, length: int = 0) -> tuple[list, list]:
@@ -428,7 +426,8 @@ def _probe(inner: nn.Module, segments: bool | None = None, *, rows=None) -> tupl
     """``(max |difference|, max |hidden|, tolerance)`` of the probe's target rows: packed against padded.
 
     ``segments``: the segment attention (default: where :func:`segment_attention_possible`) or the dense mask.
-    The padded side: each sequence alone, and where that differs more, the sequences as one padded batch.
+    The padded side: each sequence alone, and where that differs beyond the tolerance, the sequences as one
+    right-padded batch (as :func:`response_stats` runs the padded layout).
     """
     config = _config(inner)
     embeddings = inner.get_input_embeddings()
@@ -443,18 +442,19 @@ def _probe(inner: nn.Module, segments: bool | None = None, *, rows=None) -> tupl
     try:
         with torch.no_grad(), eval_mode(inner):
             got = final_hidden_states(inner, packed["input_ids"], **_packed_inputs(inner, packed, use_segments))
-            got = got[0, packed["target_index"]].double()
-            wants = []
-            for padded in (False, True):  # the padded layout without its padding, then with it
-                if padded and len(wants) and _difference(got, wants[0]) == 0.0:
-                    break
-                wants.append(_padded_hidden(inner, sequences, device, padded).double())
+            got = got[0, packed["target_index"]]
+            want = _padded_hidden(inner, sequences, device, padded=False)
+            # Largest max|h_packed - h_alone| / max|h_alone| accepted: the tolerance of lm_head's first-seen check.
+            eps = check_tolerance({want.dtype, embeddings.weight.dtype}, any(seen))
+            got, want = got.double(), want.double()
+            err, scale = _difference(got, want), float(want.abs().max())
+            if err > eps * scale:  # a length-dependent RoPE sees the batch's longest sequence: the padded batch
+                padded = _padded_hidden(inner, sequences, device, padded=True).double()
+                if _difference(got, padded) < err:
+                    err, scale = _difference(got, padded), float(padded.abs().max())
     finally:
         hook.remove()
-    # Largest max|h_packed - h_alone| / max|h_alone| accepted: the tolerance of lm_head's first-seen check.
-    eps = check_tolerance({embeddings.weight.dtype, *(w.dtype for w in wants)}, any(seen))
-    err, want = min(((_difference(got, w), w) for w in wants), key=lambda pair: pair[0])
-    return err, float(want.abs().max()), eps
+    return err, scale, eps
 
 
 def _difference(a: Tensor, b: Tensor) -> float:

@@ -216,6 +216,11 @@ def _row_mask(n: int, sizes: tuple[int, ...], masks, device) -> Tensor:
     return out
 
 
+def _blocks(query: Tensor, dropout: float) -> bool:
+    """Whether the completions run as merged blocks (the CPU flash kernel, no dropout), else one call per row."""
+    return dropout == 0.0 and query.device.type == "cpu"
+
+
 def segment_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -251,7 +256,7 @@ def segment_attention_forward(
             f"empty mask it was given into one of shape {tuple(attention_mask.shape)}"
         )
     p = dropout if module.training else 0.0
-    merge = p == 0.0 and query.device.type == "cpu"
+    merge = _blocks(query, p)
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling, enable_gqa=True)
     queries, keys, values = (x.split(layout.sizes, 2) for x in (query, key, value))
     outs, i = [], 0
