@@ -193,6 +193,14 @@ class _CompletionAttention(torch.autograd.Function):
 
 def _merged(q, k_p, v_p, k_c, v_c, masks, sizes, scale) -> Tensor:
     prompt_mask, cross, own = masks
+    # the dtype sdpa would compute in: autocast's (sdpa is on its lower-precision list), else the common one
+    device = q.device.type
+    dtype = (
+        torch.get_autocast_dtype(device)
+        if torch.is_autocast_enabled(device)
+        else torch.promote_types(torch.promote_types(q.dtype, k_p.dtype), v_p.dtype)
+    )
+    q, k_p, v_p, k_c, v_c = (x.to(dtype) for x in (q, k_p, v_p, k_c, v_c))
     empty = None if cross is None else ~cross.any(-1)
     additive = [_additive(m, q.dtype) for m in (cross, *own)]
     return _CompletionAttention.apply(
