@@ -312,14 +312,14 @@ def test_sharded_ranks_probe_the_longest_batch_of_any_rank(monkeypatch, fresh_ch
     short = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows_of(4, [8, 6]))
     asked = []
     monkeypatch.setattr(model_stats, "_sharded", lambda m: True)
-    monkeypatch.setattr(model_stats, "_largest_across_ranks", lambda t, n: asked.append((t, n)) or (max(t, 41), 30))
+    monkeypatch.setattr(model_stats, "_largest_across_ranks", lambda *v: asked.append(v) or (max(v[0], 41), 30, 30))
     with torch.no_grad(), pytest.raises(ValueError, match="window_size = 24"):
         response_stats(model, short)
-    assert asked and max(n for _, n in asked) < 24
+    assert asked and max(v[1] for v in asked) < 24
     monkeypatch.undo()
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        assert model_stats._largest_across_ranks(5, 7) == (5, 7)
+        assert model_stats._largest_across_ranks(5, 7, 0) == (5, 7, 0)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -385,6 +385,10 @@ def test_probe_completions_outrun_every_window_and_chunk():
     prompts, completions = model_stats._probe_rows(config, V)
     assert max(len(c) for cs in completions for c in cs) > 11 and min(len(c) for cs in completions for c in cs) == 1
     assert len({len(cs) for cs in completions}) > 1  # rows of different S
+    # a batch's reach: the longest sequence and the packed length, sequences no longer than the batch's own
+    prompts, completions = model_stats._probe_rows(config, V, tokens=300, length=30, filler=40)
+    tokens, longest = model_stats._rows_reach(prompts, completions)
+    assert tokens >= 300 and longest == 40 and len(completions[1]) < 12
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "llama-flash_attention_2"])

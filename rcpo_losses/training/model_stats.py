@@ -297,14 +297,14 @@ def prefix_shared_problem(model: nn.Module, batch=None, *, verify: bool | None =
     inner = unwrap_model(model)
     key = _fingerprint(inner)
     verdict = _VERIFIED.get(inner, {}).get(key)
-    tokens, length = (0, 0) if batch is None else _needed_reach(inner, batch, verdict)
+    tokens, length, longest = (0, 0, 0) if batch is None else _needed_reach(inner, batch, verdict)
     if _sharded(model):  # its forward gathers parameters across ranks: every rank runs the same probe, or none
-        tokens, length = _largest_across_ranks(tokens, length)
+        tokens, length, longest = _largest_across_ranks(tokens, length, longest)
     if verdict is not None and tokens <= verdict.tokens and length <= verdict.length:
         return None
     if verdict is not None:
         tokens, length = max(tokens, verdict.tokens), max(length, verdict.length)
-    rows = _probe_rows(_config(inner), inner.get_input_embeddings().weight.shape[0], tokens, length)
+    rows = _probe_rows(_config(inner), inner.get_input_embeddings().weight.shape[0], tokens, length, longest)
     reason = None
     for use_segments in (True, False) if segment_attention_possible(inner) else (False,):
         try:
@@ -352,14 +352,17 @@ def _need(thresholds: tuple[int, ...], m: int) -> int:
     return min(m, reached[-1] + 1) if reached else 0
 
 
-def _needed_reach(inner: nn.Module, batch, verdict: _Verdict | None) -> tuple[int, int]:
-    """``(packed length, longest sequence)`` a probe needs for ``batch``; ``position_ids`` read only when needed."""
+def _needed_reach(inner: nn.Module, batch, verdict: _Verdict | None) -> tuple[int, int, int]:
+    """``(packed length, longest sequence)`` a probe needs for ``batch``, and ``batch``'s longest sequence (0: unread).
+
+    ``position_ids`` (a device sync) is read only when the packed length alone does not settle it.
+    """
     thresholds = _thresholds(inner)
     tokens = _need(thresholds, batch["input_ids"].shape[-1])
     if verdict is not None and tokens <= min(verdict.tokens, verdict.length):
-        return tokens, tokens  # no sequence is longer than the packed batch: nothing new (and no device sync)
-    length = int(batch["position_ids"].max()) + 1
-    return tokens, _need(thresholds, length)
+        return tokens, tokens, 0  # no sequence is longer than the packed batch: nothing new
+    longest = int(batch["position_ids"].max()) + 1
+    return tokens, _need(thresholds, longest), longest
 
 
 def _reach_note(inner: nn.Module, tokens: int, length: int) -> str:
@@ -380,20 +383,21 @@ def _sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def _largest_across_ranks(tokens: int, length: int) -> tuple[int, int]:
-    """The largest ``(tokens, length)`` over the ranks (one small all-reduce; every rank checks every batch)."""
+def _largest_across_ranks(*values: int) -> tuple[int, ...]:
+    """The largest of each value over the ranks (one small all-reduce; every rank checks every batch)."""
     dist = torch.distributed
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    both = torch.tensor([tokens, length], device=device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return tuple(both.tolist())
+    out = torch.tensor(values, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return tuple(out.tolist())
 
 
-def _probe_rows(config, vocab: int, tokens: int = 0, length: int = 0) -> tuple[list, list]:
+def _probe_rows(config, vocab: int, tokens: int = 0, length: int = 0, filler: int = 0) -> tuple[list, list]:
     """Two prompts and their completions: one longer than every window and chunk, one of a single token.
 
     ``length``: the longest sequence at least this long; ``tokens``: more completions of the second
-    prompt (none longer than the longest sequence) until the packed length is at least this.
+    prompt until the packed length is at least this, their sequences no longer than the longest or
+    than ``filler`` (the batch's longest sequence: a length the model runs).
     """
     limits = [x for pair in layer_masks(config).values() for x in pair if x]
     longest = max(limits, default=4) + 3
@@ -410,7 +414,7 @@ def _probe_rows(config, vocab: int, tokens: int = 0, length: int = 0) -> tuple[l
     completions = [[ids(6), ids(longest), ids(1), ids(4)], [ids(7), ids(2)]]
     packed = sum(map(len, prompts)) + sum(len(c) for cs in completions for c in cs)
     while packed < tokens:  # after the long sequence: packed indices far from their positions
-        n = min(longest + 2, tokens - packed)
+        n = min(max(longest + 2, filler - 3), tokens - packed)
         completions[1].append(ids(n))
         packed += n
     return prompts, completions
