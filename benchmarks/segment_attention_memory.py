@@ -14,8 +14,8 @@ repeats the key/value heads for grouped queries); ``segments``:
 :func:`rcpo_losses.training.segment_attention.segment_attention_forward` with the batch's
 :func:`~rcpo_losses.training.segment_attention.segments`. Each path runs in a fresh subprocess
 (``tests/peak_memory.py``, ``MALLOC_MMAP_THRESHOLD_=65536``, so the resident set tracks live
-tensors); its peak is above ``q, k, v`` and the batch, and counts the mask's construction. Time:
-the second of two calls in that process.
+tensors); after a warm-up call, its peak is above ``q, k, v`` and the batch, and counts the mask's
+construction. Time: the third call in that process.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def measure(path: str, shape: str, start, peak, timed: bool = True) -> dict:
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
 
+    run()  # warm-up: lazy imports (torch._dynamo) and the first call's one-off allocations are not the layer's
     base = start()
     run()
     measured = peak() - base

@@ -360,6 +360,11 @@ def test_a_step_first_reached_inside_torch_compile_runs_the_probe(fresh_checks):
     step = torch.compile(lambda batch: response_stats(model, batch).logps.sum(), backend="eager")
     with torch.no_grad(), pytest.raises(ValueError, match=r"Llama4ForCausalLM \('llama4_text'\).*other hidden states"):
         step(packed)
+    model = zoo_model("llama", num_hidden_layers=1)  # a family that passes: the compiled step gives eager numbers
+    with torch.no_grad():
+        torch.testing.assert_close(step(packed), response_stats(model, packed).logps.sum(), rtol=1e-12, atol=1e-12)
+    sdpa = transformers.AttentionInterface._global_mapping["sdpa"]
+    assert sdpa.rcpo_segments and not getattr(sdpa.__wrapped__, "rcpo_segments", False)  # wrapped once
 
 
 @pytest.mark.parametrize("family", list(DENSE_MASK))

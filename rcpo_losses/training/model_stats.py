@@ -470,8 +470,8 @@ def _padded_hidden(inner: nn.Module, sequences: list, device, padded: bool) -> T
     if not padded:
         out = []
         for n, seq in sequences:
-            ids = torch.tensor([seq[:-1]], device=device)
-            out.append(final_hidden_states(inner, ids, torch.ones_like(ids))[0, n - 1 :])
+            ids = torch.tensor([seq], device=device)
+            out.append(final_hidden_states(inner, ids, torch.ones_like(ids))[0, n - 1 : len(seq) - 1])
         return torch.cat(out)
     T = max(len(seq) for _, seq in sequences)
     ids = torch.zeros(len(sequences), T, dtype=torch.int64, device=device)
@@ -520,8 +520,11 @@ def packed_forward_inputs(model: nn.Module, batch) -> dict:
     and an empty ``attention_mask``; otherwise :func:`prefix_shared_attention_mask`'s mask (not checked here).
     """
     inner = unwrap_model(model)
-    verdict = _VERIFIED.get(inner, {}).get(_fingerprint(inner)) if segment_attention_possible(inner) else None
-    return _packed_inputs(model, batch, segment_attention_possible(inner) and (verdict is None or verdict.segments))
+    use_segments = segment_attention_possible(inner)
+    if use_segments:
+        verdict = _VERIFIED.get(inner, {}).get(_fingerprint(inner))
+        use_segments = verdict is None or verdict.segments
+    return _packed_inputs(model, batch, use_segments)
 
 
 def _packed_inputs(model: nn.Module, batch, use_segments: bool) -> dict:
@@ -617,8 +620,9 @@ def response_stats(
         check_prefix_shared(model, batch)
         inputs = packed_forward_inputs(model, batch)
         index, targets, response = batch["target_index"], batch["target_ids"], batch["target_response"]
-        for x in (ids, inputs["position_ids"], index):  # a compiled model: one graph for every packed length
-            torch._dynamo.maybe_mark_dynamic(x, x.dim() - 1)
+        if not torch.compiler.is_compiling():  # a compiled model: one graph for every packed length
+            for x in (ids, inputs["position_ids"], index):
+                torch._dynamo.maybe_mark_dynamic(x, x.dim() - 1)
     else:
         ids, inputs, index, targets, response = _padded_inputs(batch)
     if fused_linear:

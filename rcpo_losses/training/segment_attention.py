@@ -287,15 +287,18 @@ def segment_attention_forward(
 _eager_segment_attention = torch.compiler.disable(segment_attention_forward)
 
 
-@functools.cache
+@torch.compiler.disable  # once per process: nothing to trace
 def register() -> None:
     """Wrap transformers' registered ``sdpa`` attention function: calls with :data:`KWARG` run the segments.
 
     Calls without it (every model outside the prefix-shared layout) run the wrapped function as before.
+    Once: a second call finds the wrapper in place.
     """
     from transformers import AttentionInterface
 
     sdpa = AttentionInterface._global_mapping["sdpa"]
+    if getattr(sdpa, "rcpo_segments", False):
+        return
 
     @functools.wraps(sdpa)
     def sdpa_or_segments(module, query, key, value, attention_mask, *args, **kwargs):
@@ -305,4 +308,5 @@ def register() -> None:
             raise TypeError(f"the segment attention takes keyword arguments only after attention_mask, got {args}")
         return _eager_segment_attention(module, query, key, value, attention_mask, **kwargs)
 
+    sdpa_or_segments.rcpo_segments = True
     AttentionInterface.register("sdpa", sdpa_or_segments)
