@@ -265,8 +265,8 @@ def paper_counts(micro_batch: int, global_batch: int = 112, max_length: int = 40
 
     Padded layouts pad every sequence of a micro-batch to its longest (prompt + completion, cut at
     ``max_length``) and run the LM head on every position, as TRL's DPO and the pre-prefix-shared
-    trainer do; the prefix-shared layout feeds each prompt once plus each completion (less its last
-    token) and runs the head on the completion tokens only.
+    trainer do; the prefix-shared layout feeds each prompt once plus each completion and runs the head
+    on the completion tokens only.
     """
     prompts, completions, _ = make_rows(global_batch, seed)
     out = {}
@@ -276,7 +276,7 @@ def paper_counts(micro_batch: int, global_batch: int = 112, max_length: int = 40
             ps, cs = prompts[a : a + micro_batch], [c[:n] for c in completions[a : a + micro_batch]]
             cs = [[c[: max_length - len(p)] for c in row] for p, row in zip(ps, cs, strict=True)]
             if name == "prefix_shared_S5":
-                fed += sum(len(p) + sum(len(c) - 1 for c in row) for p, row in zip(ps, cs, strict=True))
+                fed += sum(len(p) + sum(map(len, row)) for p, row in zip(ps, cs, strict=True))
                 rows += sum(len(c) for row in cs for c in row)
             else:
                 L = max(len(p) + len(c) for p, row in zip(ps, cs, strict=True) for c in row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 
 import pytest
 import torch
@@ -84,31 +85,67 @@ ZOO = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),  # learned absolute positions
 }
 REFUSED = {"bloom": ("BloomConfig", dict(n_layer=2, n_head=4)), "falcon_alibi": ("FalconConfig", dict(alibi=True))}
+# sdpa families whose attention the segments cannot reach (Falcon, StableLM and Nemotron keep the forward's keyword
+# arguments from it or build on the mask; Doge passes its own mask): the dense mask serves them
+DENSE_MASK = {
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "stablelm": ("StableLmConfig", {}),
+    "nemotron": ("NemotronConfig", {}),
+    "doge": ("DogeConfig", {}),
+}
+# behaviour that changes at a length no mask encodes (tests of the probe's reach)
+LENGTHS = {
+    "gpt_neo": ("GPTNeoConfig", dict(attn="eager", attention_types=[[["global", "local"], 1]], window_size=24,
+                                     max_position_embeddings=256)),
+    "llama4_floor_scale": ("Llama4TextConfig", {**ZOO["llama4_text"][1], "attention_chunk_size": None,
+                                                "layer_types": ["full_attention"] * 2, "attn_temperature_tuning": True,
+                                                "floor_scale": 40}),
+    "phi3_longrope": ("Phi3Config", dict(max_position_embeddings=128, original_max_position_embeddings=32,
+                                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                          "original_max_position_embeddings": 32,
+                                                          "short_factor": [1.0] * 4,
+                                                          "long_factor": [3.0, 5.0, 7.0, 9.0]})),
+    "llama_dynamic": ("LlamaConfig", dict(max_position_embeddings=32, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+}  # fmt: skip
 
 
-def zoo_model(family: str, dtype: torch.dtype = torch.float64, attn: str = "sdpa", **extra):
-    name, kwargs = {**ZOO, **REFUSED}[family]
-    kwargs = {**kwargs, **extra}
+def zoo_model(family: str, dtype: torch.dtype = torch.float64, attn: str = "sdpa", scaled: bool = True, **extra):
+    """``scaled``: larger logits and attention scores than the initial weights (so that soft-caps and masks matter)."""
+    name, kwargs = {**ZOO, **REFUSED, **DENSE_MASK, **LENGTHS}[family]
+    kwargs = {**COMMON, **kwargs, **extra}
     attn = kwargs.pop("attn", attn)  # Gemma-2's soft-capped attention has no sdpa
     torch.manual_seed(0)
-    config = getattr(transformers, name)(**COMMON, **kwargs)
+    config = getattr(transformers, name)(**kwargs)
     # eager experts: the grouped-GEMM ones take no fp64
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation=attn, experts_implementation="eager"
     ).to(dtype)
     model.eval()  # no dropout (GPT-2's); gradients still flow
-    with torch.no_grad():  # larger logits and attention scores, so that soft-caps and masks matter
-        model.get_output_embeddings().weight.mul_(8.0)
+    with torch.no_grad():
+        if scaled:
+            model.get_output_embeddings().weight.mul_(8.0)
         for n, p in model.named_parameters():
-            if any(s in n for s in ("q_proj", "k_proj", "c_attn")):
+            if scaled and any(s in n for s in ("q_proj", "k_proj", "c_attn")):
                 p.mul_(4.0)
     return model
+
+
+def rows_of(prompt: int, completions: list[int], seed: int = 0) -> list[dict]:
+    """One row: a prompt of ``prompt`` tokens (and BOS), completions of these lengths (and EOS)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> str:
+        return " ".join(str(int(t)) for t in torch.randint(3, V, (n,), generator=g))
+
+    return [{"prompt": text(prompt), "completions": [text(n) for n in completions],
+             "ranking": list(range(len(completions)))}]  # fmt: skip
 
 
 @pytest.fixture
 def fresh_checks(monkeypatch):
     """The first-seen probe runs again in this test (models of one config are checked once per process)."""
-    monkeypatch.setattr(model_stats, "_VERIFIED", set())
+    monkeypatch.setattr(model_stats, "_VERIFIED", weakref.WeakKeyDictionary())
 
 
 @pytest.mark.usefixtures("fp64_softmax")
@@ -218,22 +255,134 @@ def test_trainer_falls_back_on_a_failed_check_with_one_line(monkeypatch, fresh_c
 def test_the_check_runs_once_per_model_and_can_be_turned_off(monkeypatch, fresh_checks):
     calls = []
     probe = model_stats._probe
-    monkeypatch.setattr(model_stats, "_probe", lambda m: calls.append(m) or probe(m))
+    monkeypatch.setattr(model_stats, "_probe", lambda m, *args, **kwargs: calls.append(m) or probe(m, *args, **kwargs))
     packed = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(random_rows())
     model = zoo_model("qwen3", torch.float32)
     with torch.no_grad():
         for _ in range(3):
             response_stats(model, packed)
-        response_stats(zoo_model("qwen3", torch.float32), packed)  # same class and config: no new probe
         assert len(calls) == 1
-        response_stats(zoo_model("qwen3", torch.float32, sliding_window=WINDOW + 1), packed)  # another config
+        response_stats(zoo_model("qwen3", torch.float32), packed)  # another instance: its weights may differ
         assert len(calls) == 2
-        model.set_attn_implementation("eager")  # another attention implementation
+        model.config.sliding_window = WINDOW + 1  # another config
         response_stats(model, packed)
         assert len(calls) == 3
+        model.set_attn_implementation("eager")  # another attention implementation
+        response_stats(model, packed)
+        assert len(calls) == 4
+        model.to(torch.float64)  # other dtypes
+        response_stats(model, packed)
+        assert len(calls) == 5
         monkeypatch.setattr(model_stats, "VERIFY", False)
         response_stats(zoo_model("qwen3", torch.float32, sliding_window=WINDOW + 2), packed)
-        assert len(calls) == 3
+        assert len(calls) == 5
+
+
+def test_a_verdict_covers_only_its_model_instance_and_dtype(fresh_checks):
+    """Llama-4 with temperature tuning passes the probe in bf16 (within its tolerance) and with its initial weights
+    (a difference hidden under small weights): neither verdict covers the fp32 model with larger weights."""
+    model = zoo_model("llama4_text", torch.float32, attn_temperature_tuning=True, floor_scale=4)
+    check_prefix_shared(model.to(torch.bfloat16))
+    check_prefix_shared(zoo_model("llama4_text", torch.float32, scaled=False, attn_temperature_tuning=True,
+                                  floor_scale=4))  # fmt: skip
+    with pytest.raises(ValueError, match="other hidden states"):
+        check_prefix_shared(model.to(torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("family", "field"), [("gpt_neo", "window_size = 24"), ("llama4_floor_scale", "floor_scale = 40")]
+)
+def test_the_probe_reaches_every_length_a_batch_reaches(family, field, fresh_checks):
+    """A length where the model changes behaviour and no mask encodes (GPT-Neo's local ``window_size``, Llama-4's
+    ``floor_scale`` without chunks) is past the first probe; a batch that reaches it gets a probe that does too."""
+    model = zoo_model(family)
+    short = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows_of(4, [8, 6]))
+    long = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows_of(10, [30, 5, 12]))
+    assert short["input_ids"].shape[-1] < 24 and long["position_ids"].max() > 24 and long["input_ids"].shape[-1] > 40
+    with torch.no_grad():
+        response_stats(model, short)  # shorter than the threshold: as exact as the padded layout
+        with pytest.raises(ValueError, match=rf"other hidden states .* \(past .*{field}"):
+            response_stats(model, long)
+
+
+def test_sharded_ranks_probe_the_longest_batch_of_any_rank(monkeypatch, fresh_checks, tmp_path):
+    """A sharded model's forward gathers parameters from every rank: all run the same probe, or none. This rank's
+    batch is short; another's reaches GPT-Neo's window (the all-reduce's answer): the probe here reaches it too."""
+    model = zoo_model("gpt_neo")
+    short = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows_of(4, [8, 6]))
+    asked = []
+    monkeypatch.setattr(model_stats, "_sharded", lambda m: True)
+    monkeypatch.setattr(model_stats, "_largest_across_ranks", lambda *v: asked.append(v) or (max(v[0], 41), 30, 30))
+    with torch.no_grad(), pytest.raises(ValueError, match="window_size = 24"):
+        response_stats(model, short)
+    assert asked and max(v[1] for v in asked) < 24
+    monkeypatch.undo()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert model_stats._largest_across_ranks(5, 7, 0) == (5, 7, 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_length_thresholds():
+    config = transformers.Phi3Config(**COMMON, sliding_window=7, original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 16,
+        "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})  # fmt: skip
+    config.sub = transformers.LlamaConfig(window_size=3)  # a sub-config
+    config.use_long = True  # a bool is no length
+    got = model_stats.length_thresholds(config)
+    assert got["config.sliding_window"] == 7 and got["config.max_position_embeddings"] == 64
+    assert got["config.rope_parameters['original_max_position_embeddings']"] == 16
+    assert got["config.sub.window_size"] == 3 and "config.vocab_size" not in got and "config.use_long" not in got
+
+
+@pytest.mark.parametrize("family", ["phi3_longrope", "llama_dynamic"])
+def test_rope_scaled_by_the_length_equals_padded_at_the_threshold(family, fresh_checks):
+    """The longest sequence one past where the RoPE switches (longrope's original_max_position_embeddings, dynamic
+    NTK's max_position_embeddings: 32): both layouts see that length. A fresh model each (dynamic NTK keeps state)."""
+    rows = rows_of(9, [22, 3, 9])  # BOS + 9 + 22 + EOS = 33
+    padded = RankedPreferenceCollator(IntTokenizer())(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(rows)
+    assert padded["input_ids"].shape[-1] == 33
+    models = [zoo_model(family), zoo_model(family)]
+    for model in models:
+        fp64_norms(model)
+    want, want_grads = stats_and_grads(models[0], padded, True)
+    got, got_grads = stats_and_grads(models[1], packed, True)
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-10, atol=1e-10)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_a_step_first_reached_inside_torch_compile_runs_the_probe(fresh_checks):
+    model = zoo_model("llama4_text", torch.float32, attn_temperature_tuning=True, floor_scale=4)
+    packed = RankedPreferenceCollator(IntTokenizer(), layout="prefix_shared")(random_rows())
+    step = torch.compile(lambda batch: response_stats(model, batch).logps.sum(), backend="eager")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"Llama4ForCausalLM \('llama4_text'\).*other hidden states"):
+        step(packed)
+    model = zoo_model("llama", num_hidden_layers=1)  # a family that passes: the compiled step gives eager numbers
+    with torch.no_grad():
+        torch.testing.assert_close(step(packed), response_stats(model, packed).logps.sum(), rtol=1e-12, atol=1e-12)
+    sdpa = transformers.AttentionInterface._global_mapping["sdpa"]
+    assert sdpa.rcpo_segments and not getattr(sdpa.__wrapped__, "rcpo_segments", False)  # wrapped once
+
+
+@pytest.mark.parametrize("family", list(DENSE_MASK))
+def test_families_the_segments_cannot_reach_take_the_dense_mask(family, fresh_checks):
+    """Not refused (nor sent back to padded): the probe finds the segments wrong and the dense mask exact."""
+    rows = random_rows()
+    padded = RankedPreferenceCollator(IntTokenizer(), k=3)(rows)
+    packed = RankedPreferenceCollator(IntTokenizer(), k=3, layout="prefix_shared")(rows)
+    model = zoo_model(family)
+    fp64_norms(model)
+    assert model_stats.segment_attention_possible(model)
+    want, want_grads = stats_and_grads(model, padded, True)
+    got, got_grads = stats_and_grads(model, packed, True)
+    assert [v.segments for v in model_stats._VERIFIED[model].values()] == [False]
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.entropy_sums, want.entropy_sums, rtol=1e-10, atol=1e-10)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_probe_completions_outrun_every_window_and_chunk():
@@ -241,6 +390,10 @@ def test_probe_completions_outrun_every_window_and_chunk():
     prompts, completions = model_stats._probe_rows(config, V)
     assert max(len(c) for cs in completions for c in cs) > 11 and min(len(c) for cs in completions for c in cs) == 1
     assert len({len(cs) for cs in completions}) > 1  # rows of different S
+    # a batch's reach: the longest sequence and the packed length, sequences no longer than the batch's own
+    prompts, completions = model_stats._probe_rows(config, V, tokens=300, length=30, filler=40)
+    tokens, longest = model_stats._rows_reach(prompts, completions)
+    assert tokens >= 300 and longest == 40 and len(completions[1]) < 12
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "llama-flash_attention_2"])

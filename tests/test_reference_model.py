@@ -182,6 +182,7 @@ def test_peft_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path, 
     assert trainer.ref_model is None and trainer.peft_reference and live_models() == before  # no copy
     batch = trainer.data_collator(ROWS)
     packed = make_trainer(tokenizer, tmp_path, model=model, fused_linear=fused, layout="prefix_shared")
+    assert packed.data_collator.layout == "prefix_shared"  # PeftModel takes position_ids in **kwargs: not refused
     with torch.no_grad():  # the PEFT base as reference on the prefix-shared layout: the same numbers
         for got, want in zip(
             packed.reference_stats(model, packed.data_collator(ROWS)),

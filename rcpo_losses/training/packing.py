@@ -9,8 +9,10 @@ own completion; never to a sibling completion or another row. Position ids resta
 prompt's length for every completion, so each completion sees exactly the positions, keys
 and values it would see alone after its prompt. The first token of every completion is
 predicted from the prompt's last position (one hidden row serves ``S`` targets), so the
-targets are gathered by index, not by shifting labels; the last token of a completion is a
-target only, never an input (no target reads its hidden state).
+targets are gathered by index, not by shifting labels. A completion's last token is fed too,
+though no target reads its hidden state: the longest position id is then the padded
+layout's longest sequence less one, which a RoPE whose scaling follows the sequence length
+(longrope, dynamic NTK) reads.
 
 The attention structure is three per-position vectors (``row_index``, ``response_index``,
 ``position_ids``) and one rule, :func:`prefix_shared_mask_mod`; :func:`dense_attention_mask`
@@ -47,8 +49,9 @@ def pack_prefix_shared(
 ) -> dict[str, Tensor]:
     """Pack ``B`` prompts and their completions into one prefix-shared sequence of ``P`` positions.
 
-    Row ``b`` contributes ``len(prompts[b]) + sum_j (len(completions[b][j]) - 1)`` positions:
-    its prompt, then each completion without its last token. Completion ``j`` of row ``b`` is
+    Row ``b`` contributes ``len(prompts[b]) + sum_j len(completions[b][j])`` positions: its
+    prompt, then each completion (the last token's hidden state predicts nothing; it is fed so that
+    the positions reach the padded layout's length). Completion ``j`` of row ``b`` is
     response ``b * num_responses + j`` of the ``[B, S]`` grid; slots ``j >= len(completions[b])``
     get no tokens (and so no targets).
 
@@ -86,10 +89,10 @@ def pack_prefix_shared(
             if not c:
                 raise ValueError(f"completions: row {b}, completion {j} is empty")
             start = len(ids)
-            ids += c[:-1]
-            pos += range(P, P + len(c) - 1)
-            row += [b] * (len(c) - 1)
-            resp += [j] * (len(c) - 1)
+            ids += c
+            pos += range(P, P + len(c))
+            row += [b] * len(c)
+            resp += [j] * len(c)
             t_index += [last, *range(start, start + len(c) - 1)]
             t_ids += c
             t_resp += [b * S + j] * len(c)
