@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/prefix_check_cost.py      # Llama (no window) and Mistral (window 4096)
     PYTHONPATH=. python benchmarks/prefix_check_cost.py --window 1024
+    PYTHONPATH=. python benchmarks/prefix_check_cost.py --reach  # the probe again when a batch reaches a length
 
 The step is ``bench_ranked_step.py``'s (policy forward and backward, reference forward,
 Mallows-RMJ top-k loss) on its prefix-shared batch and its model sizes (4 layers, hidden 512,
@@ -15,6 +16,12 @@ mean of 2), the probe alone, the first step with the check on (probe included), 
 2 later steps; peak memory above the models and the batch of the first checked step and of
 the next one (CPU: resident set in a fresh subprocess,
 ``tests/peak_memory.py``; CUDA: ``max_memory_allocated``).
+
+``--reach``: the probes of one Llama instance of those sizes with ``max_position_embeddings``
+2048 (a length threshold of :func:`rcpo_losses.training.model_stats.length_thresholds`) on the
+step's batch of ``--prompts`` prompts: the first probe (no batch), the probe again when the
+batch's packed length passes 2048 (its probe packs at least 2049 tokens), and a check of a
+batch already covered (no probe: the mean of 20 calls of ``check_prefix_shared``).
 """
 
 from __future__ import annotations
@@ -127,11 +134,40 @@ def memory(window: int | None) -> dict:
                            threads=torch.get_num_threads())  # fmt: skip
 
 
+def reach(prompts: int) -> None:
+    """Seconds of the probe at construction, of the probe a batch past a length threshold adds, of a covered check."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=ranked.V, hidden_size=ranked.H, intermediate_size=ranked.FFN,
+                         num_hidden_layers=ranked.LAYERS, num_attention_heads=ranked.HEADS,
+                         max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
+    impl = "flex_attention" if DEVICE == "cuda" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).to(DEVICE, ranked.DTYPE)
+    batch = ranked.make_batch("ranked", "prefix_shared", prompts)
+    model_stats._VERIFIED.clear()
+    first = timed(lambda: model_stats.check_prefix_shared(model))
+    again = timed(lambda: model_stats.check_prefix_shared(model, batch))
+    verdict = next(iter(model_stats._VERIFIED[model].values()))
+    covered = sum(timed(lambda: model_stats.check_prefix_shared(model, batch)) for _ in range(20)) / 20
+    print(f"packed length {batch['input_ids'].shape[-1]}, longest sequence {int(batch['position_ids'].max()) + 1}")
+    print("| probe | packed tokens probed | seconds |")
+    print("|---|---|---|")
+    print(f"| first (construction) | ~35 | {first:.2f} |")
+    print(f"| the batch passes max_position_embeddings = 2048 | {verdict.tokens} | {again:.2f} |")
+    print(f"| a covered batch (check only) | 0 | {covered * 1e3:.2f} ms |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=4096, help="the Mistral row's sliding window")
+    parser.add_argument("--reach", action="store_true", help="the probes a batch's lengths add (see above)")
+    parser.add_argument("--prompts", type=int, default=1, help="--reach: prompts in the batch")
     args = parser.parse_args()
     print(f"device {DEVICE}, dtype {ranked.DTYPE}, threads {torch.get_num_threads()}")
+    if args.reach:
+        reach(args.prompts)
+        return
     print("| model | packed tokens | check off s | probe s | first step s | later step s | first MB | later MB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, window in (("llama", None), (f"mistral w={args.window}", args.window)):
