@@ -1,8 +1,9 @@
 """The segment attention of the prefix-shared layout (rcpo_losses.training.segment_attention) against the dense mask.
 
-The segments must cover exactly the pairs of the one rule (packing.prefix_shared_mask_mod), and
-``sdpa`` over them must give the dense-mask attention's values and gradients (fp64, GQA, windows,
-chunks, per-layer types), eagerly and compiled. The model-level equality with the padded layout is
+The blocks must cover exactly the pairs of the one rule (packing.prefix_shared_mask_mod), and the
+attention over them must give the dense-mask attention's values and gradients (fp64, GQA, windows,
+chunks, per-layer types), eagerly and compiled, under activation checkpointing, in at most the dense
+mask's memory. The model-level equality with the padded layout is
 the zoo's (tests/test_prefix_shared_zoo.py), which runs this path for every ``sdpa`` family.
 """
 
@@ -159,8 +160,9 @@ def test_refuses_what_it_cannot_compute():
 def test_compiled_model_equals_padded():
     """``torch.compile(model)`` through ``response_stats``: Qwen3, GQA, a full and a sliding layer, fp64.
 
-    aot_eager: dynamo traces the model's forward with the segments in its keyword arguments, into the
-    registered attention function (the inductor build of that function is the test above).
+    aot_eager: dynamo traces the model's forward with the segments in its keyword arguments, up to the wrapped
+    ``sdpa`` function, which runs the segment attention eagerly (a graph break; the inductor build of the
+    function itself is the test above).
     """
     from rcpo_losses import response_stats
     from tests.test_prefix_shared import fp64_norms
