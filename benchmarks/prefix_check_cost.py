@@ -9,7 +9,7 @@ Mallows-RMJ top-k loss) on its prefix-shared batch and its model sizes (4 layers
 vocab 32000; bf16, ``RCPO_BENCH_DTYPE=fp32`` for fp32), with a ``LlamaConfig`` or a
 ``MistralConfig(sliding_window=W)``. The first step runs the probe of
 :func:`rcpo_losses.training.model_stats.prefix_shared_problem` (one forward of each layout on about
-``W + 30`` tokens, once for policy and reference: same class and config); later steps run
+``W + 30`` tokens, once for each of policy and reference: a verdict is per model instance); later steps run
 none. After a warm-up step with the check off (the one-off costs of a first call are not the
 check's), columns: the step with the check off (``rcpo_losses.training.model_stats.VERIFY = False``,
 mean of 2), the probe alone, the first step with the check on (probe included), the mean of
