@@ -188,7 +188,8 @@ class _CompletionAttention(torch.autograd.Function):
 
 
 def _merged(q, k_p, v_p, k_c, v_c, masks, sizes, scale) -> Tensor:
-    prompt_mask, cross, own = masks
+    """:class:`_CompletionAttention` on a row's blocks, in the dtype ``sdpa`` would compute in, masks additive."""
+    _, cross, own = masks
     # the dtype sdpa would compute in: autocast's (sdpa is on its lower-precision list), else the common one
     device = q.device.type
     dtype = (
