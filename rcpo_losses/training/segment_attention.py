@@ -176,15 +176,11 @@ class _CompletionAttention(torch.autograd.Function):
         q, k_p, v_p, k_c, v_c, out, lse = ctx.saved_tensors
         (cross, own), sizes, scale = ctx.masks, ctx.sizes, ctx.scale
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        grad = grad.contiguous()
         # each block's gradient with the merged output and log-sum-exp is its share of the union's gradient
         dq, dk_p, dv_p = backward(grad, q, k_p, v_p, out, lse, 0.0, False, attn_mask=cross, scale=scale)
         pieces = zip(*(x.split(sizes, 2) for x in (grad, q, k_c, v_c, out, lse)), own, strict=True)
         parts = [
-            backward(
-                g.contiguous(), qj, kj, vj, o.contiguous(), s.contiguous(), 0.0, m is None, attn_mask=m, scale=scale
-            )
-            for g, qj, kj, vj, o, s, m in pieces
+            backward(g, qj, kj, vj, o, s, 0.0, m is None, attn_mask=m, scale=scale) for g, qj, kj, vj, o, s, m in pieces
         ]
         dq = dq + torch.cat([p[0] for p in parts], 2)
         dk_c, dv_c = torch.cat([p[1] for p in parts], 2), torch.cat([p[2] for p in parts], 2)
@@ -192,7 +188,8 @@ class _CompletionAttention(torch.autograd.Function):
 
 
 def _merged(q, k_p, v_p, k_c, v_c, masks, sizes, scale) -> Tensor:
-    prompt_mask, cross, own = masks
+    """:class:`_CompletionAttention` on a row's blocks, in the dtype ``sdpa`` would compute in, masks additive."""
+    _, cross, own = masks
     # the dtype sdpa would compute in: autocast's (sdpa is on its lower-precision list), else the common one
     device = q.device.type
     dtype = (
