@@ -140,3 +140,40 @@ def test_the_script_prints_the_pins():
     out = subprocess.run([sys.executable, "rcpo_losses/versions.py"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"{name}=={version}" for name, version in FLOORS.items()]
+
+
+# Run in a fresh interpreter whose importlib.metadata reports an old version of one distribution.
+_OLD = """
+import sys
+from importlib import metadata
+real = metadata.version
+metadata.version = lambda name: {old!r} if name == {name!r} else real(name)
+try:
+    import {module}
+except ImportError as e:
+    print(e)
+    print({name!r} in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("torch", "rcpo_losses"),
+        ("transformers", "rcpo_losses.training.trainer"),
+        ("accelerate", "rcpo_losses.training.trainer"),
+        ("peft", "rcpo_losses.training.trainer"),
+        ("transformers", "rcpo_losses.training.online"),
+    ],
+)
+def test_an_old_release_fails_at_import_before_it_is_imported(name, module):
+    if name != "torch":
+        pytest.importorskip("transformers")
+    code = _OLD.format(old="0.1.0", name=name, module=module)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    need = FLOORS[name]
+    assert out.stdout.splitlines() == [
+        f"rcpo_losses needs {name}>={need}; {name} 0.1.0 is installed: pip install -U '{name}>={need}'",
+        "False",  # raised before the package was imported
+    ]

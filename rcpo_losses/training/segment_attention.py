@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import versions
 from .packing import prefix_shared_mask_mod
 
 NAME = "rcpo_prefix_shared"  # the attention implementation
@@ -147,6 +148,7 @@ def segment_attention_forward(
 @functools.cache
 def register() -> str:
     """Register :func:`segment_attention_forward` with transformers' ``AttentionInterface`` as :data:`NAME`."""
+    versions.require("transformers")
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, segment_attention_forward)
