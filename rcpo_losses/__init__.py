@@ -4,6 +4,12 @@ Rewards (eq. 2 and variants) feed choice models (MNL, Mallows-RMJ), which feed
 reductions over prompts. See docs/index.md.
 """
 
+# ruff: noqa: E402
+# The installed torch is checked before any module imports it: an older one raises ImportError naming both versions.
+from . import versions
+
+versions.require("torch")
+
 from .dispersion import entropy_dispersion
 from .mallows import (
     mallows_rmj_discrete,

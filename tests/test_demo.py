@@ -17,6 +17,14 @@ TINY = ["--sizes", "8", "16", "--seeds", "0", "1", "--epochs", "15", "--lrs", "0
 TINY += ["--val-prompts", "20", "--test-prompts", "30", "--pool", "16", "--quiet"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """demo.main sets torch's thread count (--threads, default 1); the tests after these run with the suite's."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def read_png(path) -> np.ndarray:
     """The image matplotlib wrote, ``[H, W, C]`` floats in [0, 1]."""
     image = pytest.importorskip("matplotlib.image")

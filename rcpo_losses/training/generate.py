@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .. import versions
 from ..tokens.lm_head import eval_mode
 from .data import PRECOMPUTED_COLUMNS, encode_prompt, has_ranking, is_conversational
 
@@ -163,6 +164,7 @@ _NOT_SAMPLING = {*_SPECIAL_IDS, "transformers_version", "_from_model_config", "u
 
 def _generation_configs(model) -> list:
     """The modules of ``model`` that hold their own ``generation_config`` (the model, or the one a wrapper holds)."""
+    versions.require("transformers")
     from transformers import GenerationConfig
 
     return [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
@@ -185,6 +187,7 @@ def plain_sampling(model) -> Iterator[None]:
     ``top_k``, ...), so a checkpoint's settings would silently change the sampling; inside the
     block the only settings are those passed. Restored after.
     """
+    versions.require("transformers")
     from transformers import GenerationConfig
 
     saved = [(m, m.generation_config) for m in _generation_configs(model)]
@@ -998,6 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> RankedRows:
     args = parser.parse_args(argv)
     prompts = _read_prompts(args.prompts)  # a bad file fails before any model is loaded
 
+    versions.require("transformers")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)

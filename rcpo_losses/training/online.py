@@ -16,6 +16,7 @@ policy, scores them, and trains on their ranking with the offline path's collato
 
 from __future__ import annotations
 
+# ruff: noqa: E402
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .. import versions
+
+# Before transformers is imported: an older transformers, accelerate or peft (which transformers' trainer
+# imports when it is installed) raises ImportError naming both versions, not an error from deep inside.
+versions.require("transformers")
+versions.require("accelerate")
+versions.require("peft")
+
 from transformers import Trainer
 
 from ..ranks import IGNORE

@@ -12,6 +12,8 @@ import copy
 
 from torch import nn
 
+from .. import versions
+
 
 def prepare_reference_model(model: nn.Module, accelerator) -> nn.Module:
     """``model`` frozen, in eval mode, and prepared by ``accelerator`` (an ``accelerate.Accelerator``) for inference.
@@ -78,6 +80,7 @@ def _prepare_fsdp(model: nn.Module, accelerator) -> nn.Module:
     }
     policy = plugin.auto_wrap_policy
     if policy is not None:  # one unit per decoder layer (the plugin's policy), then the root
+        versions.require("accelerate")  # its fsdp2_prepare_auto_wrap_policy(plugin, model)
         from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
         wrap = fsdp2_prepare_auto_wrap_policy(plugin, model)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import versions
 from .packing import prefix_shared_mask_mod
 
 KWARG = "rcpo_segments"  # the forward keyword argument that carries the Segments
@@ -291,6 +292,7 @@ def register() -> None:
     Calls without it (every model outside the prefix-shared layout) run the wrapped function as before.
     Once: a second call finds the wrapper in place.
     """
+    versions.require("transformers")
     from transformers import AttentionInterface
 
     sdpa = AttentionInterface._global_mapping["sdpa"]

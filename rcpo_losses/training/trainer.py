@@ -13,6 +13,7 @@ Rows as :class:`rcpo_losses.training.data.RankedPreferenceCollator` reads them. 
 
 from __future__ import annotations
 
+# ruff: noqa: E402
 import contextlib
 import copy
 import logging
@@ -21,6 +22,15 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
+
+from .. import versions
+
+# Before transformers is imported: an older transformers, accelerate or peft (which transformers' trainer
+# imports when it is installed) raises ImportError naming both versions, not an error from deep inside.
+versions.require("transformers")
+versions.require("accelerate")
+versions.require("peft")
+
 from transformers import Trainer
 
 from .. import nn as rcpo_nn
