@@ -59,7 +59,7 @@ from smollm import load_smollm2
 from transformers import TrainerCallback, TrainingArguments
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rcpo_losses.training.data import RankedPreferenceCollator
+from rcpo_losses.training.data import RankedPreferenceCollator, best_and_worst
 from rcpo_losses.training.generate import rank_completions
 from rcpo_losses.training.precompute import precompute_reference_stats
 from rcpo_losses.training.trainer import PAIRWISE, RCPOTrainer
@@ -177,8 +177,9 @@ def text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
-def reward(prompts, completions) -> list[float]:
-    """The reward (TRL's convention): VADER compound of the completion; positive is the target."""
+def reward(prompts, completions, **columns) -> list[float]:
+    """The reward (TRL's convention, which passes ``completion_ids`` and the rows' columns too): VADER compound
+    of the completion; positive is the target."""
     return vader([text(c) for c in completions])
 
 
@@ -187,24 +188,10 @@ def first_words(text: str, n: int = PREFIX_WORDS) -> str:
 
 
 def pair_rows(rows: list[dict]) -> tuple[list[dict], int]:
-    """For the pairwise objectives: each row cut to its best and its worst completion that hold their scores alone.
-
-    Under ``ties="leave_out"`` the best untied completion is the first pick of the row's list;
-    the worst untied one is the lowest completion a tie leaves unambiguous. A row with fewer
-    than two untied scores has no such pair and is left out; the count is returned.
-    """
-    out, dropped = [], 0
-    for row in rows:
-        scores = row["scores"]
-        untied = sorted((j for j in range(len(scores)) if scores.count(scores[j]) == 1), key=lambda j: -scores[j])
-        if len(untied) < 2:
-            dropped += 1
-            continue
-        keep = [untied[0], untied[-1]]
-        per_completion = ("completions", "completion_ids", "truncated", "scores", "samples")
-        out.append({**{k: v for k, v in row.items() if k not in per_completion},
-                    **{k: [row[k][j] for j in keep] for k in per_completion if row.get(k) is not None}})  # fmt: skip
-    return out, dropped
+    """For the pairwise objectives: each row cut to its best and worst untied completion (`best_and_worst`),
+    as the online trainer does; rows without such a pair are left out, and counted."""
+    pairs = [best_and_worst(row) for row in rows]
+    return [p for p in pairs if p is not None], sum(p is None for p in pairs)
 
 
 def win_rate(policy: list[list[float]], base: list[list[float]]) -> float:
@@ -250,17 +237,20 @@ def sequence_logps(model, input_ids, attention_mask, n_prompt: int, mask: torch.
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, *, num_samples, max_new_tokens, seed, batch_size=16, ref=None) -> dict:
+def sample(model, tokenizer, prompts, *, num_samples, max_new_tokens, seed, batch_size=16, ref=None,
+           keep_tokens=False) -> dict:  # fmt: skip
     """``num_samples`` samples y ~ pi(.|x) of each prompt (temperature 1, no truncation), with their statistics.
 
     Returns per prompt the texts, the rewards, the rewards of the first `PREFIX_WORDS` words,
     and per sample the token count (EOS included), whether it was cut at ``max_new_tokens``,
     log pi(y|x) (from the sampling logits) and log pi_ref(y|x) (``ref``: a forward; default pi).
+    ``keep_tokens``: also ``batches``, each batch's ``(sequences, attention_mask, n_prompt, mask)``
+    for `sequence_logps` (the samples in order, ``num_samples`` per prompt).
     """
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
-    out = {k: [] for k in ("texts", "rewards", "prefix_rewards", "lengths", "cut", "logps", "ref_logps")}
+    out = {k: [] for k in ("texts", "rewards", "prefix_rewards", "lengths", "cut", "logps", "ref_logps", "batches")}
     tokenizer.padding_side = "left"
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -280,11 +270,10 @@ def sample(model, tokenizer, prompts, *, num_samples, max_new_tokens, seed, batc
         logits = torch.stack(gen.logits, 1).float()
         logps = (logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0] * mask).sum(-1)
         del logits
-        if ref is None:
-            ref_logps = logps
-        else:
-            attention = torch.cat([enc["attention_mask"].repeat_interleave(num_samples, 0), mask.long()], 1)
-            ref_logps = sequence_logps(ref, gen.sequences, attention, n_prompt, mask)
+        attention = torch.cat([enc["attention_mask"].repeat_interleave(num_samples, 0), mask.long()], 1)
+        ref_logps = logps if ref is None else sequence_logps(ref, gen.sequences, attention, n_prompt, mask)
+        if keep_tokens:
+            out["batches"].append((gen.sequences, attention, n_prompt, mask))
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         scores, prefix = vader(texts), vader([first_words(t) for t in texts])
         for i in range(len(chunk)):
@@ -496,27 +485,81 @@ def write_json(results: dict, path: Path) -> None:
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
-def train_one(rows, tokenizer, ref, eval_prompts, base, *, objective, beta, seed, cfg, on_checkpoint, save_to=None):
-    """Train one objective from the base; evaluate at cfg checkpoints (``on_checkpoint(dict)`` after each).
+def ranked_rows(ref, tokenizer, train_prompts, cfg, path: Path) -> tuple[dict, dict]:
+    """The ranked dataset (`rank_completions` of the base, resumed from ``path``) with the reference's statistics.
 
-    ``rows``: ``{"listwise": rows, "pairwise": pair rows}``, each with the reference's statistics.
+    Returns ``({"listwise": rows, "pairwise": pair_rows(rows)}, statistics of the dataset)``.
     """
-    loss, k = OBJECTIVES[objective]
-    rows = rows["pairwise" if loss in PAIRWISE else "listwise"]
-    policy, _ = load_smollm2(torch.float32)
-    run = {"objective": objective, "loss": loss, "k": k, "beta": beta, "seed": seed, "checkpoints": []}
-    eval_time = [0.0]
+    t = time.time()
+    ranked = rank_completions(
+        ref, tokenizer, [chat(p) for p in train_prompts], reward, num_samples=NUM_SAMPLES,
+        max_new_tokens=cfg["max_new_tokens"], temperature=1.0, top_p=1.0, batch_size=8, seed=0, out=path,
+    )  # fmt: skip
+    scores = [s for row in ranked for s in row["scores"]]
+    rows = list(ranked)  # as sampled: ties follow the trainer's ties="leave_out"
+    pairs, no_pair = pair_rows(rows)
+    by_rank = [sorted(row["scores"], reverse=True) for row in ranked]
+    stats = {
+        "rows": len(rows),
+        "rows_with_ties": sum(len(set(row["scores"])) < len(row["scores"]) for row in rows),
+        "samples_merged": ranked.stats.merged,
+        "skipped_identical": ranked.stats.skipped_identical,
+        "skipped_tied": ranked.stats.skipped_tied,
+        "pair_rows": len(pairs),
+        "rows_without_a_pair": no_pair,
+        "prompts": len(train_prompts),
+        "mean_score": mean(scores),
+        "mean_score_by_rank": [mean(r[i] for r in by_rank if len(r) > i) for i in range(max(map(len, by_rank)))],
+        "share_zero_score": mean(float(s == 0.0) for s in scores),
+        "share_above_0.9": mean(float(s > 0.9) for s in scores),
+        "cut": mean(float(c) for row in ranked for c in (row.get("truncated") or []) if c is not None)
+        if any(row.get("truncated") for row in ranked) else None,
+        "seconds": time.time() - t,
+    }  # fmt: skip
+    collator = RankedPreferenceCollator(tokenizer)
+    rows = {
+        name: precompute_reference_stats(ref, part, collator, batch_size=2, progress=False)
+        for name, part in (("listwise", rows), ("pairwise", pairs))
+    }
+    return rows, stats
+
+
+def evaluator(run, tokenizer, ref, eval_prompts, base, *, seed, cfg, on_checkpoint, measure=None):
+    """``evaluate(step, model)``: held-out samples of the model, `summarize`d into ``run["checkpoints"]``.
+
+    ``measure(model) -> dict``: more numbers for the checkpoint. ``on_checkpoint(run)`` after each;
+    the time spent accumulates in ``run["eval_s"]``.
+    """
+    run.setdefault("eval_s", 0.0)
 
     def evaluate(step, model):
         t = time.time()
         found = sample(model, tokenizer, eval_prompts, num_samples=cfg["eval_samples"],
                        max_new_tokens=cfg["max_new_tokens"], seed=1000 + seed, ref=ref)  # fmt: skip
-        point = {"step": step, **summarize(found, base), "eval_s": time.time() - t}
+        point = {"step": step, **summarize(found, base), **(measure(model) if measure else {})}
+        point["eval_s"] = time.time() - t
         run["checkpoints"].append(point)
-        eval_time[0] += point["eval_s"]
-        print(f"  {objective} beta={beta} seed={seed} step {step}: reward {point['reward']:.3f} "
+        run["eval_s"] += point["eval_s"]
+        print(f"  {run['objective']} beta={run['beta']} seed={seed} step {step}: reward {point['reward']:.3f} "
               f"KL {point['kl']:.2f} win {point['win_rate']:.2f} cut {point['cut']:.0%}", flush=True)  # fmt: skip
         on_checkpoint(run)
+
+    return evaluate
+
+
+def train_one(rows, tokenizer, ref, eval_prompts, base, *, objective, beta, seed, cfg, on_checkpoint, save_to=None,
+              measure=None):  # fmt: skip
+    """Train one objective from the base; evaluate at cfg checkpoints (``on_checkpoint(dict)`` after each).
+
+    ``rows``: ``{"listwise": rows, "pairwise": pair rows}``, each with the reference's statistics.
+    ``measure``: as `evaluator`'s.
+    """
+    loss, k = OBJECTIVES[objective]
+    rows = rows["pairwise" if loss in PAIRWISE else "listwise"]
+    policy, _ = load_smollm2(torch.float32)
+    run = {"objective": objective, "loss": loss, "k": k, "beta": beta, "seed": seed, "checkpoints": []}
+    evaluate = evaluator(run, tokenizer, ref, eval_prompts, base, seed=seed, cfg=cfg, on_checkpoint=on_checkpoint,
+                         measure=measure)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -541,7 +584,7 @@ def train_one(rows, tokenizer, ref, eval_prompts, base, *, objective, beta, seed
         )  # fmt: skip
         t = time.time()
         trainer.train()
-        run["train_s"] = time.time() - t - eval_time[0]
+        run["train_s"] = time.time() - t - run["eval_s"]
     logs = [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
     run["losses"] = [h["loss"] for h in logs]
     run["grad_norms"] = [h["grad_norm"] for h in logs]
@@ -605,44 +648,14 @@ def main(argv: list[str] | None = None) -> None:
     before = results["elapsed_s"]
     train_prompts, eval_prompts = split_prompts(cfg["train_prompts"], cfg["eval_prompts"], seed=0)
 
-    # 1. the ranked dataset, sampled from the base model, which is also the reference
-    t = time.time()
+    # 1. the ranked dataset, sampled from the base model, which is also the reference; its statistics once
     ref, tokenizer = load_smollm2(torch.float32)
     ref.eval().requires_grad_(False)
-    ranked = rank_completions(
-        ref, tokenizer, [chat(p) for p in train_prompts], reward, num_samples=NUM_SAMPLES,
-        max_new_tokens=cfg["max_new_tokens"], temperature=1.0, top_p=1.0, batch_size=8, seed=0,
-        out=out / "ranked.jsonl",
-    )  # fmt: skip
-    scores = [s for row in ranked for s in row["scores"]]
-    rows = list(ranked)  # as sampled: ties follow the trainer's ties="leave_out"
-    pairs, no_pair = pair_rows(rows)
-    by_rank = [sorted(row["scores"], reverse=True) for row in ranked]
-    results["dataset"] = {
-        "rows": len(rows),
-        "rows_with_ties": sum(len(set(row["scores"])) < len(row["scores"]) for row in rows),
-        "samples_merged": ranked.stats.merged,
-        "skipped_identical": ranked.stats.skipped_identical,
-        "skipped_tied": ranked.stats.skipped_tied,
-        "pair_rows": len(pairs),
-        "rows_without_a_pair": no_pair,
-        "prompts": len(train_prompts),
-        "mean_score": mean(scores),
-        "mean_score_by_rank": [mean(r[i] for r in by_rank if len(r) > i) for i in range(max(map(len, by_rank)))],
-        "share_zero_score": mean(float(s == 0.0) for s in scores),
-        "share_above_0.9": mean(float(s > 0.9) for s in scores),
-        "cut": mean(float(c) for row in ranked for c in (row.get("truncated") or []) if c is not None)
-        if any(row.get("truncated") for row in ranked) else None,
-        "seconds": time.time() - t,
-    }  # fmt: skip
+    rows, results["dataset"] = ranked_rows(ref, tokenizer, train_prompts, cfg, out / "ranked.jsonl")
     print("dataset:", results["dataset"], flush=True)
 
-    # 2. the reference: its statistics of the training rows once, and the base's held-out samples
+    # 2. the base's held-out samples
     t = time.time()
-    rows = {
-        name: precompute_reference_stats(ref, part, RankedPreferenceCollator(tokenizer), batch_size=2, progress=False)
-        for name, part in (("listwise", rows), ("pairwise", pairs))
-    }
     if "base_rewards" not in results:
         found = sample(ref, tokenizer, eval_prompts, num_samples=cfg["base_samples"],
                        max_new_tokens=cfg["max_new_tokens"], seed=999, ref=ref)  # fmt: skip

@@ -121,6 +121,28 @@ def has_ranking(scores: Sequence[float]) -> bool:
     return any(n == 1 and s > min(counts) for s, n in counts.items())
 
 
+# The columns that hold one entry per completion (rank_completions' rows and the online trainer's).
+PER_COMPLETION_COLUMNS = ("completions", "completion_ids", "truncated", "scores", "samples")
+
+
+def best_and_worst(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``row`` cut to its best and its worst completion among those whose score no other completion shares.
+
+    What a pairwise loss (DPO on the best and the worst) reads of a scored row with ties: the
+    best untied completion is the first pick of the ``ties="leave_out"`` list; the worst untied one
+    is the lowest completion that no tie leaves ambiguous; choosing among tied completions would
+    order them by position. ``None`` when fewer than two scores stand alone (``[2, 2, 1, 1]``).
+    The other columns are kept; those of :data:`PER_COMPLETION_COLUMNS` are cut to the pair.
+    """
+    scores = [float(s) for s in row["scores"]]
+    untied = sorted((j for j, s in enumerate(scores) if scores.count(s) == 1), key=lambda j: -scores[j])
+    if len(untied) < 2:
+        return None
+    keep = (untied[0], untied[-1])
+    cut = {k: [row[k][j] for j in keep] for k in PER_COMPLETION_COLUMNS if row.get(k) is not None}
+    return {**row, **cut}
+
+
 def _row_ranks(row: Mapping[str, Any], k: int | None, ties: str, where: str) -> list[int]:
     if ties not in TIES:
         raise ValueError(f"ties: expected one of {TIES}, got {ties!r}")

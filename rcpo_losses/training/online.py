@@ -37,9 +37,9 @@ from transformers import Trainer
 
 from ..ranks import IGNORE
 from ..tokens.lm_head import eval_mode
-from .data import encode_prompt, is_conversational
+from .data import best_and_worst, encode_prompt, is_conversational
 from .generate import RewardModel, batch_seed, rank_samples, sample_completions
-from .trainer import RCPOTrainer, kendall_tau
+from .trainer import PAIRWISE, RCPOTrainer, kendall_tau
 
 # A prompt-only dataset: these columns mean the rows carry completions or feedback already.
 NOT_PROMPT_COLUMNS = ("completions", "completion", "chosen", "rejected", "scores", "ranking", "completion_ids")
@@ -152,7 +152,10 @@ class OnlineRCPOTrainer(RCPOTrainer):
     carries no ranking: it is skipped, counted and logged (``frac_reward_zero_std``, as GRPO's
     zero advantages). Partial ties follow the collator's ``ties`` rule (default ``"leave_out"``:
     the tied groups above the first untied completion leave the assortment; never an order by
-    position; :func:`~rcpo_losses.training.data.row_ranks`). A micro-batch whose groups are all
+    position; :func:`~rcpo_losses.training.data.row_ranks`). A pairwise loss (``mnl_pairwise``,
+    ``mallows_rmj_pairwise``: online DPO) reads each group's best and worst completion among those
+    whose reward no other shares (:func:`~rcpo_losses.training.data.best_and_worst`); a group
+    without two such is skipped too (``frac_no_untied_pair``). A micro-batch whose groups are all
     skipped contributes a zero loss (and zero gradients).
 
     Args:
@@ -383,6 +386,10 @@ class OnlineRCPOTrainer(RCPOTrainer):
         metrics = self._group_metrics(samples, ranked)
         metrics.update({"time/sampling": t1 - t0, "time/scoring": t2 - t1, "sampled_tokens": sampled_tokens})
         kept = [r for r in ranked.rows if r is not None]
+        if self.loss_name in PAIRWISE:  # the best and the worst untied completion of each group
+            pairs = [best_and_worst(r) for r in kept]
+            metrics["frac_no_untied_pair"] = sum(p is None for p in pairs) / len(ranked.rows)
+            kept = [p for p in pairs if p is not None]
         return (self.data_collator(kept) if kept else None), metrics
 
     def _group_metrics(self, samples, ranked) -> dict[str, float]:
