@@ -13,6 +13,7 @@ from rcpo_losses.ranks import valid_rows
 from rcpo_losses.training.data import (
     TIES,
     RankedPreferenceCollator,
+    best_and_worst,
     encode_prompt,
     has_ranking,
     row_ranks,
@@ -421,3 +422,33 @@ def test_the_statistics_of_a_completion_left_out_are_zero(fused):
     stored = {"ref_logps": [0.0, 0.0, -3.0, -1.0], "ref_entropy_sums": [0.0, 0.0, 1.0, 1.0],
               "ref_lengths": [0, 0, 2, 1], "ref_token_hash": int(batch["token_hash"][0])}  # fmt: skip
     assert RankedPreferenceCollator(fused)([{**row, **stored}])["ref_lengths"].tolist() == [[0, 0, 2, 1]]
+
+
+@pytest.mark.parametrize(
+    ("scores", "keep"),
+    [([3, 2, 2, 1], (0, 3)), ([1, 3, 2, 1], (1, 2)), ([2, 2, 1, 1], None), ([0.5, 0.25], (0, 1)), ([1, 1], None),
+     ([0, 1, 0, 0, 0], None)],
+)  # fmt: skip
+def test_best_and_worst_keeps_the_untied_extremes_and_cuts_every_per_completion_column(scores, keep):
+    n = len(scores)
+    row = {"prompt": "p", "completions": [f"c{j}" for j in range(n)], "scores": scores,
+           "completion_ids": [[j] for j in range(n)], "truncated": [j % 2 == 0 for j in range(n)],
+           "samples": [1] * n, "source": "kept whole"}  # fmt: skip
+    pair = best_and_worst(row)
+    if keep is None:
+        assert pair is None
+        return
+    assert pair["completions"] == [f"c{j}" for j in keep] and pair["completion_ids"] == [[j] for j in keep]
+    assert pair["scores"] == [scores[j] for j in keep] and pair["truncated"] == [j % 2 == 0 for j in keep]
+    assert pair["samples"] == [1, 1] and pair["prompt"] == "p" and pair["source"] == "kept whole"
+    assert row["completions"] == [f"c{j}" for j in range(n)]  # the row itself is left alone
+
+
+@given(st.lists(st.integers(0, 4), min_size=2, max_size=7))
+def test_best_and_worst_never_picks_a_tied_score(scores):
+    alone = [s for s in scores if scores.count(s) == 1]
+    pair = best_and_worst({"completions": list(range(len(scores))), "scores": scores})
+    if len(alone) < 2:
+        assert pair is None
+    else:
+        assert pair["scores"] == [max(alone), min(alone)]

@@ -85,7 +85,12 @@ def make_trainer(tmp_path, reward=first_is_good, steps=4, model=None, **kwargs):
 
 @pytest.mark.parametrize(
     ("reward", "loss"),
-    [(first_is_good, "mnl_topk"), (first_is_good, "mallows_rmj_topk"), (share_good, "mnl_topk")],
+    [
+        (first_is_good, "mnl_topk"),
+        (first_is_good, "mallows_rmj_topk"),
+        (share_good, "mnl_topk"),
+        (share_good, "mnl_pairwise"),
+    ],  # fmt: skip
 )
 def test_training_raises_the_reward(tmp_path, reward, loss):
     tokenizer = make_tokenizer()
@@ -99,7 +104,8 @@ def test_training_raises_the_reward(tmp_path, reward, loss):
     for name in ("completions/mean_length", "completions/clipped_ratio", "time/sampling", "time/training",
                  "tokens_per_second/sampling"):  # fmt: skip
         assert all(math.isfinite(h[name]) for h in logs), name
-    ranked = [h for h in logs if h["frac_reward_zero_std"] < 1]  # a micro-batch with a group that ranks
+    # a step (one micro-batch) with a group that trains: one that ranks, and for a pairwise loss holds a pair
+    ranked = [h for h in logs if h["frac_reward_zero_std"] + h.get("frac_no_untied_pair", 0) < 1]
     assert ranked
     for name in ("reward", "reward_std", "kl", "rewards/kendall_tau", f"rewards/{reward.__name__}/mean",
                  "tokens_per_second/training"):  # fmt: skip
@@ -137,6 +143,33 @@ def test_partial_ties_of_a_binary_reward_follow_the_collators_rule(tmp_path):
     assert batch["ranks"].tolist() == [[0, -1, -1, -1]]
     assert metrics["frac_reward_zero_std"] == pytest.approx(2 / 3)
     assert metrics["reward"] == pytest.approx(3 / 12)  # every sample counted, merged or not
+
+
+def test_a_pairwise_loss_reads_each_groups_best_and_worst_untied_completion(tmp_path):
+    """Online DPO with ties: the pair is the best and the worst completion whose reward no other shares."""
+    fixed = {
+        "hi a b": ["w", "x", "y", "z"],  # rewards 3, 2, 2, 1: the pair is w (3) and z (1)
+        "hello": ["w", "x", "y", "x"],  # 3, 2, 2 (x merged): it ranks (w first), but only w stands alone
+        "1 2 3": ["v", "w", "x", "z"],  # 1, 3, 2, 1: w (3) and x (2)
+    }
+    score = {"w": 3.0, "x": 2.0, "y": 2.0, "z": 1.0, "v": 1.0}
+
+    def lookup(prompts, completions, **kwargs):
+        return [score[words(c)[0]] for c in completions]
+
+    def generate(texts, num_samples, seed):
+        return [fixed[t] for t in texts]
+
+    trainer = make_trainer(tmp_path, reward=lookup, generate=generate, loss="mnl_pairwise")
+    collated = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: collated.extend(rows) or collate(rows)
+    batch, metrics = trainer.sample_and_rank([{"prompt": p} for p in fixed])
+    assert [[words(c)[0] for c in row["completions"]] for row in collated] == [["w", "z"], ["w", "x"]]
+    assert [row["scores"] for row in collated] == [[3.0, 1.0], [3.0, 2.0]]
+    assert batch["ranks"].tolist() == [[0, 1], [0, 1]]
+    assert metrics["frac_no_untied_pair"] == pytest.approx(1 / 3)
+    assert metrics["frac_reward_zero_std"] == 0.0  # no group ties throughout
 
 
 def test_weighted_rewards_skip_none_as_trl_does():
