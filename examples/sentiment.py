@@ -534,9 +534,12 @@ def evaluator(run, tokenizer, ref, eval_prompts, base, *, seed, cfg, on_checkpoi
 
     def evaluate(step, model):
         t = time.time()
-        found = sample(model, tokenizer, eval_prompts, num_samples=cfg["eval_samples"],
-                       max_new_tokens=cfg["max_new_tokens"], seed=1000 + seed, ref=ref)  # fmt: skip
-        point = {"step": step, **summarize(found, base), **(measure(model) if measure else {})}
+        # eval_samples_mid (if set): fewer samples at the checkpoints before the last
+        n = cfg["eval_samples"] if step == cfg["checkpoints"][-1] else cfg.get("eval_samples_mid", cfg["eval_samples"])
+        found = sample(model, tokenizer, eval_prompts, num_samples=n, max_new_tokens=cfg["max_new_tokens"],
+                       seed=1000 + seed, ref=ref)  # fmt: skip
+        point = {"step": step, "samples": n * len(eval_prompts), **summarize(found, base)}
+        point.update(measure(model) if measure else {})
         point["eval_s"] = time.time() - t
         run["checkpoints"].append(point)
         run["eval_s"] += point["eval_s"]
