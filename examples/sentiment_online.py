@@ -115,10 +115,11 @@ class ImplicitTau:
         model.train(was_training)
         implicit = [p - r for p, r in zip(logps, self.ref_logps, strict=True)]
         n = self.num_samples
-        taus = [pair_tau(implicit[i * n : (i + 1) * n], rs) for i, rs in enumerate(self.rewards)]
-        taus = [t for t in taus if t is not None]
+        per_prompt = [pair_tau(implicit[i * n : (i + 1) * n], rs) for i, rs in enumerate(self.rewards)]
+        taus = [t for t in per_prompt if t is not None]
         sd = math.sqrt(sum((t - mean(taus)) ** 2 for t in taus) / (len(taus) - 1)) if len(taus) > 1 else math.nan
-        return {"tau": mean(taus), "tau_se": sd / math.sqrt(len(taus))}
+        # per prompt too: two policies read on the same rows compare prompt by prompt (a paired error)
+        return {"tau": mean(taus), "tau_se": sd / math.sqrt(len(taus)), "tau_per_prompt": per_prompt}
 
 
 def train_online(prompts, tokenizer, ref, eval_prompts, base, *, objective, seed, cfg, on_checkpoint, measure,
